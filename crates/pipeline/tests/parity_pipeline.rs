@@ -1,0 +1,171 @@
+//! The whole text-to-video pipeline against diffusers' CogVideoXPipeline on tiny random models:
+//! per-step transformer outputs and latents, final latents (1e-3) and frames (2e-3).
+
+use candle_core::{DType, Device, Tensor};
+use std::ops::ControlFlow;
+use vdit_core::testing::{assert_close, fixture_dir, load_meta, load_tensors};
+use vdit_pipeline::{CogVideoXPipeline, Event, GenerateRequest, OutputKind, PromptInput};
+use vdit_schedulers::RecordedNoise;
+
+fn run_case(case: &str) {
+    let dir = fixture_dir(case);
+    let meta = load_meta(&dir).unwrap();
+    let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
+    let outputs = load_tensors(&dir.join("outputs.safetensors")).unwrap();
+    let dev = Device::Cpu;
+    let mut pipe = CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &dev).unwrap();
+
+    let draws = meta["noise_draws"].as_u64().unwrap_or(0) as usize;
+    let noise: Vec<Tensor> = (0..draws)
+        .map(|i| inputs[&format!("scheduler_noise_{i}")].clone())
+        .collect();
+    let want_t: Vec<usize> = meta["timesteps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let want_g: Vec<f64> = meta["guidance_scale_per_step"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let req = GenerateRequest {
+        prompt: PromptInput::Embeds(inputs["prompt_embeds"].clone()),
+        negative_prompt: Some(PromptInput::Embeds(inputs["negative_prompt_embeds"].clone())),
+        num_frames: Some(meta["num_frames"].as_u64().unwrap() as usize),
+        height: Some(meta["height"].as_u64().unwrap() as usize),
+        width: Some(meta["width"].as_u64().unwrap() as usize),
+        num_inference_steps: meta["steps"].as_u64().unwrap() as usize,
+        guidance_scale: meta["guidance_scale"].as_f64().unwrap(),
+        use_dynamic_cfg: meta["use_dynamic_cfg"].as_bool().unwrap(),
+        latents: Some(inputs["latents"].clone()),
+        scheduler_noise: Some(Box::new(RecordedNoise::new(noise))),
+        output: OutputKind::Frames,
+        ..Default::default()
+    };
+    let mut seen_steps = 0;
+    let out = pipe
+        .generate(req, &mut |e| {
+            if let Event::Step {
+                index,
+                timestep,
+                guidance_scale,
+                model_output,
+                latents,
+                ..
+            } = e
+            {
+                assert_eq!(timestep, want_t[index], "timestep of step {index}");
+                assert!(
+                    (guidance_scale - want_g[index]).abs() < 1e-6,
+                    "guidance at step {index}: {guidance_scale} vs {}",
+                    want_g[index]
+                );
+                assert_close(
+                    &format!("{case} step {index} transformer out"),
+                    model_output,
+                    &outputs[&format!("step_{index}_transformer_out")],
+                    1e-4,
+                );
+                assert_close(
+                    &format!("{case} step {index} latents"),
+                    latents,
+                    &outputs[&format!("step_{index}_latents")],
+                    1e-3,
+                );
+                seen_steps += 1;
+            }
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(seen_steps, want_t.len());
+    assert_close(&format!("{case} latents"), &out.latents, &outputs["latents"], 1e-3);
+    assert_close(
+        &format!("{case} frames"),
+        out.frames.as_ref().unwrap(),
+        &outputs["frames"],
+        2e-3,
+    );
+}
+
+#[test]
+fn pipeline_2b_like_matches_diffusers() {
+    run_case("pipeline_2b_like");
+}
+
+#[test]
+fn pipeline_5b_like_matches_diffusers() {
+    run_case("pipeline_5b_like");
+}
+
+#[test]
+fn cancellation_stops_the_run() {
+    let dir = fixture_dir("pipeline_2b_like");
+    let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
+    let mut pipe = CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let req = GenerateRequest {
+        prompt: PromptInput::Embeds(inputs["prompt_embeds"].clone()),
+        negative_prompt: Some(PromptInput::Embeds(inputs["negative_prompt_embeds"].clone())),
+        num_frames: Some(9),
+        height: Some(32),
+        width: Some(48),
+        num_inference_steps: 4,
+        ..Default::default()
+    };
+    let mut steps = 0;
+    let r = pipe.generate(req, &mut |e| {
+        if let Event::Step { .. } = e {
+            steps += 1;
+            if steps == 2 {
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    });
+    assert!(matches!(r, Err(vdit_core::Error::Cancelled)), "{r:?}");
+    assert_eq!(steps, 2);
+}
+
+#[test]
+fn bad_sizes_are_rejected_by_name() {
+    let dir = fixture_dir("pipeline_2b_like");
+    let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
+    let mut pipe = CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let base = || GenerateRequest {
+        prompt: PromptInput::Embeds(inputs["prompt_embeds"].clone()),
+        negative_prompt: Some(PromptInput::Embeds(inputs["negative_prompt_embeds"].clone())),
+        num_frames: Some(9),
+        height: Some(32),
+        width: Some(48),
+        num_inference_steps: 2,
+        ..Default::default()
+    };
+    let cases: Vec<(GenerateRequest, &str)> = vec![
+        (GenerateRequest { num_frames: Some(8), ..base() }, "num_frames"),
+        (GenerateRequest { height: Some(40), ..base() }, "height"),
+        (GenerateRequest { width: Some(50), ..base() }, "width"),
+        (GenerateRequest { num_inference_steps: 0, ..base() }, "num_inference_steps"),
+        (GenerateRequest { guidance_scale: f64::NAN, ..base() }, "guidance_scale"),
+        (
+            GenerateRequest { latents: Some(Tensor::zeros((1, 2, 4, 4, 6), DType::F32, &Device::Cpu).unwrap()), ..base() },
+            "latents",
+        ),
+        (
+            GenerateRequest {
+                prompt: PromptInput::Embeds(Tensor::zeros((1, 15, 32), DType::F32, &Device::Cpu).unwrap()),
+                ..base()
+            },
+            "prompt_embeds",
+        ),
+        (
+            GenerateRequest { prompt: PromptInput::Text("a red circle".into()), ..base() },
+            "tokenizer",
+        ),
+    ];
+    for (req, needle) in cases {
+        let err = pipe.generate(req, &mut |_| ControlFlow::Continue(())).unwrap_err().to_string();
+        assert!(err.contains(needle), "error `{err}` should mention `{needle}`");
+    }
+}
