@@ -55,13 +55,32 @@ pub struct I420<'a> {
     pub uv_stride: usize,
 }
 
+/// How chroma is brought back to full resolution.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Upsample {
+    /// Each chroma sample replicated over its 2x2 block.
+    Nearest,
+    /// Bilinear between chroma sample centres (weights 3/4, 1/4).
+    Bilinear,
+    /// Bilinear plus luma-guided detail: within a window of 3x3 chroma samples chroma is fitted
+    /// as a linear function of (2x2-averaged) luma, and each pixel gets
+    /// `bilinear chroma + slope * (luma - bilinear averaged luma)`. `eps` regularises the slope
+    /// (in squared 8-bit levels).
+    Guided { eps: f32 },
+}
+
+pub const DEFAULT_UPSAMPLE: Upsample = Upsample::Guided { eps: 4.0 };
+
 /// Converts an I420 picture of even size `w x h` into packed RGB8, appending `w * h * 3` bytes.
 pub fn i420_to_rgb(pic: &I420<'_>, w: usize, h: usize, out: &mut Vec<u8>) {
+    i420_to_rgb_with(pic, w, h, out, DEFAULT_UPSAMPLE)
+}
+
+pub fn i420_to_rgb_with(pic: &I420<'_>, w: usize, h: usize, out: &mut Vec<u8>, mode: Upsample) {
     let (cw, ch) = (w / 2, h / 2);
-    // Chroma upsampled to full resolution, one row at a time: horizontally first into two
-    // neighbouring chroma rows, then blended vertically.
-    let mut row_u = vec![[0f32; 2]; w];
-    let mut row_v = vec![[0f32; 2]; w];
+    let u = upsample(pic, pic.u, w, h, mode);
+    let v = upsample(pic, pic.v, w, h, mode);
+    let _ = (cw, ch);
     out.reserve(w * h * 3);
     const YM: f32 = 255.0 / 219.0;
     const RV: f32 = 255.0 / 224.0 * 2.0 * (1.0 - KR);
@@ -69,25 +88,88 @@ pub fn i420_to_rgb(pic: &I420<'_>, w: usize, h: usize, out: &mut Vec<u8>) {
     const GU: f32 = -255.0 / 224.0 * 2.0 * (1.0 - KB) * KB / KG;
     const GV: f32 = -255.0 / 224.0 * 2.0 * (1.0 - KR) * KR / KG;
     for y in 0..h {
-        // The chroma row whose centre is nearest, and the next-nearest neighbour.
-        let c0 = y / 2;
-        let c1 = neighbour(y, ch);
-        for x in 0..w {
-            let (a, b) = (x / 2, neighbour(x, cw));
-            for (row, plane) in [(&mut row_u, pic.u), (&mut row_v, pic.v)] {
-                let s = |cy: usize, cx: usize| plane[cy * pic.uv_stride + cx] as f32;
-                row[x][0] = 0.75 * s(c0, a) + 0.25 * s(c0, b);
-                row[x][1] = 0.75 * s(c1, a) + 0.25 * s(c1, b);
-            }
-        }
         let y_row = &pic.y[y * pic.y_stride..y * pic.y_stride + w];
         for x in 0..w {
             let l = YM * (y_row[x] as f32 - 16.0);
-            let u = 0.75 * row_u[x][0] + 0.25 * row_u[x][1] - 128.0;
-            let v = 0.75 * row_v[x][0] + 0.25 * row_v[x][1] - 128.0;
-            out.push(to_u8(l + RV * v));
-            out.push(to_u8(l + GU * u + GV * v));
-            out.push(to_u8(l + BU * u));
+            let cu = u[y * w + x] - 128.0;
+            let cv = v[y * w + x] - 128.0;
+            out.push(to_u8(l + RV * cv));
+            out.push(to_u8(l + GU * cu + GV * cv));
+            out.push(to_u8(l + BU * cu));
+        }
+    }
+}
+
+/// Bilinear (3/4, 1/4) upsampling of a half-resolution plane given by `get(cy, cx)`.
+fn bilinear(get: impl Fn(usize, usize) -> f32, w: usize, h: usize) -> Vec<f32> {
+    let (cw, ch) = (w / 2, h / 2);
+    let mut out = vec![0f32; w * h];
+    for y in 0..h {
+        let (c0, c1) = (y / 2, neighbour(y, ch));
+        for x in 0..w {
+            let (a, b) = (x / 2, neighbour(x, cw));
+            out[y * w + x] = 0.5625 * get(c0, a)
+                + 0.1875 * (get(c0, b) + get(c1, a))
+                + 0.0625 * get(c1, b);
+        }
+    }
+    out
+}
+
+fn upsample(pic: &I420<'_>, plane: &[u8], w: usize, h: usize, mode: Upsample) -> Vec<f32> {
+    let (cw, ch) = (w / 2, h / 2);
+    let c = |cy: usize, cx: usize| plane[cy * pic.uv_stride + cx] as f32;
+    match mode {
+        Upsample::Nearest => {
+            let mut out = vec![0f32; w * h];
+            for y in 0..h {
+                for x in 0..w {
+                    out[y * w + x] = c(y / 2, x / 2);
+                }
+            }
+            out
+        }
+        Upsample::Bilinear => bilinear(c, w, h),
+        Upsample::Guided { eps } => {
+            // Luma averaged over each 2x2 block: the luma each chroma sample "saw".
+            let mut ybar = vec![0f32; cw * ch];
+            for cy in 0..ch {
+                for cx in 0..cw {
+                    let at = |dy: usize, dx: usize| pic.y[(2 * cy + dy) * pic.y_stride + 2 * cx + dx] as f32;
+                    ybar[cy * cw + cx] = 0.25 * (at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1));
+                }
+            }
+            // Slope of chroma against luma over each 3x3 window of chroma samples.
+            let mut slope = vec![0f32; cw * ch];
+            for cy in 0..ch {
+                for cx in 0..cw {
+                    let (mut n, mut sy, mut syy, mut sc, mut syc) = (0f32, 0f32, 0f32, 0f32, 0f32);
+                    for wy in cy.saturating_sub(1)..(cy + 2).min(ch) {
+                        for wx in cx.saturating_sub(1)..(cx + 2).min(cw) {
+                            let (yv, cv) = (ybar[wy * cw + wx], c(wy, wx));
+                            n += 1.0;
+                            sy += yv;
+                            syy += yv * yv;
+                            sc += cv;
+                            syc += yv * cv;
+                        }
+                    }
+                    let var = syy / n - (sy / n) * (sy / n);
+                    let cov = syc / n - (sy / n) * (sc / n);
+                    slope[cy * cw + cx] = cov / (var + eps);
+                }
+            }
+            let cup = bilinear(c, w, h);
+            let yup = bilinear(|cy, cx| ybar[cy * cw + cx], w, h);
+            let mut out = cup;
+            for y in 0..h {
+                for x in 0..w {
+                    let a = slope[(y / 2) * cw + x / 2];
+                    let luma = pic.y[y * pic.y_stride + x] as f32;
+                    out[y * w + x] += a * (luma - yup[y * w + x]);
+                }
+            }
+            out
         }
     }
 }

@@ -1,1 +1,40 @@
-//! placeholder
+//! Shapes World v1: the captioned synthetic video world vdit's default model is trained on and
+//! scored against. The contract is `/work/shared/world/SPEC.md` (palette, shapes, sizes, speeds,
+//! caption grammar, splits, scorer); this crate implements it.
+//!
+//! ```no_run
+//! use vdit_world::*;
+//! let mut rng = clip_rng(Split::Train, 0, 42);
+//! let scene = sample_scene(Split::Train, &mut rng);
+//! let text = caption(&scene, &mut rng);
+//! let frames = render(&scene, RenderOpts { width: 64, height: 64, frames: 17, fps: 8.0, antialias: true });
+//! let parsed = parse_caption(&text).unwrap();
+//! let score = score_clip(&frames, 64, 64, &parsed).unwrap();
+//! let mut report = Report::new();
+//! report.add(Some(Split::Train), &parsed, &score, None);
+//! println!("{}", report.table());
+//! ```
+//!
+//! Modules: [`scene`] (types, palette, geometry, kinematics), [`split`] (split rules, sampler,
+//! seeding), [`render`], [`caption`] (sampler and parser), [`score`] (the scorer), [`report`]
+//! (aggregation, chance), [`dataset`] (`captions.jsonl` + clips on disk), [`perturb`] (blur,
+//! noise, null clips for the gates).
+
+pub mod caption;
+pub mod dataset;
+mod error;
+pub mod perturb;
+pub mod render;
+pub mod report;
+pub mod scene;
+pub mod score;
+pub mod split;
+
+pub use caption::{caption, parse_caption, Attribute, ParsedCaption, ParsedObject};
+pub use dataset::{clip_id, export, read_records, report, sample_clip, score_dir, ClipFormat, ClipRecord, ScoredClip};
+pub use error::{Error, Result};
+pub use render::{render, render_at, RenderOpts};
+pub use report::{ChanceModel, GroupSummary, Report};
+pub use scene::{Background, Colour, Motion, Object, Scene, Shape, Size, Speed};
+pub use score::{score_clip, score_clip_at, Attrs, ClipScore, ObjectScore, Tally, Track};
+pub use split::{clip_rng, sample_scene, sample_scene_for, PairClass, Split};
