@@ -112,7 +112,10 @@ fn tokenizer_and_encoder_end_to_end_at_226() {
 
     let cfg: T5EncoderConfig = load_config(&dir.join("config.json")).unwrap();
     assert_eq!(
-        (cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance),
+        (
+            cfg.relative_attention_num_buckets,
+            cfg.relative_attention_max_distance
+        ),
         (32, 128)
     );
     let enc = T5Encoder::load(&dir, DType::F32, &Device::Cpu).unwrap();
@@ -158,13 +161,13 @@ fn sharded_bf16_checkpoint_with_tied_embedding_copy_loads() {
     names.sort();
     let (a, b) = names.split_at(names.len() / 2);
     let mut weight_map = serde_json::Map::new();
-    for (file, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
         let mut shard = HashMap::new();
         for k in part {
-            shard.insert(
-                (*k).clone(),
-                tensors[*k].to_dtype(DType::BF16).unwrap(),
-            );
+            shard.insert((*k).clone(), tensors[*k].to_dtype(DType::BF16).unwrap());
             weight_map.insert((*k).clone(), file.into());
         }
         if file.starts_with("model-00002") {
@@ -177,11 +180,7 @@ fn sharded_bf16_checkpoint_with_tied_embedding_copy_loads() {
         candle_core::safetensors::save(&shard, d.join(file)).unwrap();
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-    std::fs::write(
-        d.join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
+    std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
 
     let enc = T5Encoder::load(&d, DType::F32, &Device::Cpu).unwrap();
     let got = enc.forward(&ids).unwrap();
@@ -208,9 +207,12 @@ fn unused_tensor_is_an_error_naming_it() {
     );
     let d = scratch("extra");
     write_model(&d, &cfg, &tensors);
-    let err = T5Encoder::load(&d, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    let err = T5Encoder::load(&d, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(
-        err.contains("encoder.block.0.layer.1.DenseReluDense.wi.weight") && err.contains("not used"),
+        err.contains("encoder.block.0.layer.1.DenseReluDense.wi.weight")
+            && err.contains("not used"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&d);
@@ -222,7 +224,9 @@ fn missing_or_misshapen_tensor_is_an_error_naming_it() {
     tensors.remove("encoder.final_layer_norm.weight");
     let d = scratch("missing");
     write_model(&d, &cfg, &tensors);
-    let err = T5Encoder::load(&d, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    let err = T5Encoder::load(&d, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("encoder.final_layer_norm.weight"), "{err}");
 
     let (cfg, mut tensors) = fixture_parts();
@@ -231,7 +235,9 @@ fn missing_or_misshapen_tensor_is_an_error_naming_it() {
         Tensor::zeros((32, 31), DType::F32, &Device::Cpu).unwrap(),
     );
     write_model(&d, &cfg, &tensors);
-    let err = T5Encoder::load(&d, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    let err = T5Encoder::load(&d, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("encoder.block.1.layer.0.SelfAttention.q.weight") && err.contains("[32, 31]"),
         "{err}"
@@ -242,11 +248,23 @@ fn missing_or_misshapen_tensor_is_an_error_naming_it() {
 #[test]
 fn bad_config_values_are_errors_naming_the_key() {
     let cases: &[(&str, serde_json::Value, &str)] = &[
-        ("feed_forward_proj", "gated-swish".into(), "feed_forward_proj"),
+        (
+            "feed_forward_proj",
+            "gated-swish".into(),
+            "feed_forward_proj",
+        ),
         ("feed_forward_proj", "gelu".into(), "feed_forward_proj"),
         ("dense_act_fn", "gelu".into(), "dense_act_fn"),
-        ("relative_attention_num_buckets", 7.into(), "relative_attention_num_buckets"),
-        ("relative_attention_max_distance", 2.into(), "relative_attention_max_distance"),
+        (
+            "relative_attention_num_buckets",
+            7.into(),
+            "relative_attention_num_buckets",
+        ),
+        (
+            "relative_attention_max_distance",
+            2.into(),
+            "relative_attention_max_distance",
+        ),
         ("layer_norm_epsilon", 0.0.into(), "layer_norm_epsilon"),
         ("is_decoder", true.into(), "is_decoder"),
         ("d_model", "32".into(), "d_model"),
@@ -257,7 +275,9 @@ fn bad_config_values_are_errors_naming_the_key() {
         let mut c = cfg.clone();
         c[*key] = value.clone();
         write_model(&d, &c, &tensors);
-        let err = T5Encoder::load(&d, DType::F32, &Device::Cpu).unwrap_err().to_string();
+        let err = T5Encoder::load(&d, DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("config.json") && err.contains(named),
             "{key}={value}: {err}"
@@ -275,7 +295,10 @@ fn bad_ids_are_errors() {
     assert!(err.contains("1103") && err.contains("vocab_size"), "{err}");
     let max = Tensor::new(&[[u32::MAX]], &Device::Cpu).unwrap();
     assert!(enc.forward(&max).is_err());
-    let err = enc.forward(&ids.flatten_all().unwrap()).unwrap_err().to_string();
+    let err = enc
+        .forward(&ids.flatten_all().unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("[batch, length]"), "{err}");
     let err = enc
         .forward(&ids.to_dtype(DType::F32).unwrap())

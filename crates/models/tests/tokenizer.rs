@@ -55,7 +55,11 @@ fn check_cases(tok: &TextTokenizer, exp: &Value, key: &str, only: &dyn Fn(usize)
                 continue;
             }
             assert_eq!(g.len(), max_len);
-            assert_eq!(g, w, "{key}, max_len {max_len}, prompt {i} {:?}", prompts[i]);
+            assert_eq!(
+                g, w,
+                "{key}, max_len {max_len}, prompt {i} {:?}",
+                prompts[i]
+            );
             checked += 1;
         }
     }
@@ -113,7 +117,8 @@ struct Fields<'a>(&'a mut HashMap<String, String>);
 
 impl tracing::field::Visit for Fields<'_> {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(field.name().to_string(), format!("{value:?}"));
+        self.0
+            .insert(field.name().to_string(), format!("{value:?}"));
     }
 }
 
@@ -179,8 +184,14 @@ fn spiece_proto_fields() {
     assert_eq!(t.byte_fallback, exp["byte_fallback"].as_bool().unwrap());
     let n = &sp.normalizer_spec;
     assert_eq!(n.name, exp["normalizer_name"].as_str().unwrap());
-    assert_eq!(n.precompiled_charsmap.len() as u64, exp["charsmap_len"].as_u64().unwrap());
-    assert_eq!(n.add_dummy_prefix, exp["add_dummy_prefix"].as_bool().unwrap());
+    assert_eq!(
+        n.precompiled_charsmap.len() as u64,
+        exp["charsmap_len"].as_u64().unwrap()
+    );
+    assert_eq!(
+        n.add_dummy_prefix,
+        exp["add_dummy_prefix"].as_bool().unwrap()
+    );
     for (p, e) in sp.pieces.iter().zip(exp["pieces"].as_array().unwrap()) {
         assert_eq!(p.piece, e[0].as_str().unwrap());
         assert_eq!(p.score, e[1].as_f64().unwrap() as f32);
@@ -245,16 +256,27 @@ fn wordlevel_round_trip_and_pad_resolution() {
 
     // No padding section and no `<pad>` token: a clear error.
     let err = TextTokenizer::load(&d).unwrap_err().to_string();
-    assert!(err.contains("tokenizer.json") && err.contains("pad"), "{err}");
+    assert!(
+        err.contains("tokenizer.json") && err.contains("pad"),
+        "{err}"
+    );
 
     // tokenizer_config.json names the pad token.
     std::fs::write(d.join("tokenizer_config.json"), r#"{"pad_token": "[PAD]"}"#).unwrap();
     let tok = TextTokenizer::load(&d).unwrap();
     assert_eq!(tok.pad_id(), 0);
     assert_eq!(tok.vocab_size(), words.len());
-    let ids = tok.encode_padded(&["a red cat walks .", "a dog"], 8).unwrap();
-    assert_eq!(ids, vec![vec![2, 3, 4, 5, 6, 0, 0, 0], vec![2, 1, 0, 0, 0, 0, 0, 0]]);
-    assert_eq!(tok.inner().decode(&ids[0][..5], false).unwrap(), "a red cat walks .");
+    let ids = tok
+        .encode_padded(&["a red cat walks .", "a dog"], 8)
+        .unwrap();
+    assert_eq!(
+        ids,
+        vec![vec![2, 3, 4, 5, 6, 0, 0, 0], vec![2, 1, 0, 0, 0, 0, 0, 0]]
+    );
+    assert_eq!(
+        tok.inner().decode(&ids[0][..5], false).unwrap(),
+        "a red cat walks ."
+    );
     // No post-processor: truncation keeps exactly max_len words.
     let ids = tok.encode_padded(&["a red cat walks ."], 3).unwrap();
     assert_eq!(ids, vec![vec![2, 3, 4]]);
@@ -279,7 +301,10 @@ fn max_len_edge_cases() {
     let err = tok.encode_padded(&["a cat"], 0).unwrap_err().to_string();
     assert!(err.contains("max_len"), "{err}");
     // Room for </s> only.
-    assert_eq!(tok.encode_padded(&["a cat", ""], 1).unwrap(), vec![vec![1], vec![1]]);
+    assert_eq!(
+        tok.encode_padded(&["a cat", ""], 1).unwrap(),
+        vec![vec![1], vec![1]]
+    );
     assert!(tok.encode_padded(&[], 226).unwrap().is_empty());
 }
 
@@ -295,7 +320,10 @@ fn corrupt_files_are_errors_naming_the_file() {
     let good = std::fs::read(fixture("t5_spiece/spiece.model")).unwrap();
     let d = scratch("corrupt");
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("garbage", b"this is not a protobuf file at all \xff\xff\xff".to_vec()),
+        (
+            "garbage",
+            b"this is not a protobuf file at all \xff\xff\xff".to_vec(),
+        ),
         ("truncated", good[..good.len() / 2].to_vec()),
         ("empty", Vec::new()),
         ("text", b"{\"model\": 1}".to_vec()),
@@ -311,23 +339,36 @@ fn corrupt_files_are_errors_naming_the_file() {
     copy_dir(&fixture("t5_spiece"), &d);
     std::fs::write(d.join("tokenizer_config.json"), r#"{"extra_ids": "many"}"#).unwrap();
     let err = TextTokenizer::load(&d).unwrap_err().to_string();
-    assert!(err.contains("tokenizer_config.json") && err.contains("extra_ids"), "{err}");
+    assert!(
+        err.contains("tokenizer_config.json") && err.contains("extra_ids"),
+        "{err}"
+    );
     std::fs::write(d.join("tokenizer_config.json"), r#"{"extra_ids": 3}"#).unwrap();
     let err = TextTokenizer::load(&d).unwrap_err().to_string();
-    assert!(err.contains("additional_special_tokens"), "{err}");
+    assert!(
+        err.contains("additional_special_tokens") && err.contains("extra_ids"),
+        "{err}"
+    );
     std::fs::write(d.join("tokenizer_config.json"), "[1, 2]").unwrap();
     let err = TextTokenizer::load(&d).unwrap_err().to_string();
     assert!(err.contains("tokenizer_config.json"), "{err}");
     std::fs::remove_file(d.join("special_tokens_map.json")).unwrap();
     std::fs::write(d.join("tokenizer_config.json"), r#"{"eos_token": "<eos>"}"#).unwrap();
     let err = TextTokenizer::load(&d).unwrap_err().to_string();
-    assert!(err.contains("eos_token") && err.contains("<eos>"), "{err}");
+    assert!(
+        err.contains("tokenizer_config.json: eos_token") && err.contains("<eos>"),
+        "{err}"
+    );
     // Without any config the T5 defaults apply (100 sentinels, </s>, <pad>, <unk>).
     std::fs::remove_file(d.join("tokenizer_config.json")).unwrap();
     let tok = TextTokenizer::load(&d).unwrap();
     assert_eq!(tok.vocab_size(), 300);
 
-    std::fs::write(d.join("tokenizer.json"), "{\"model\": {\"type\": \"Nope\"}}").unwrap();
+    std::fs::write(
+        d.join("tokenizer.json"),
+        "{\"model\": {\"type\": \"Nope\"}}",
+    )
+    .unwrap();
     let err = TextTokenizer::load(&d).unwrap_err().to_string();
     assert!(err.contains("tokenizer.json"), "{err}");
     std::fs::write(d.join("tokenizer.json"), [0xffu8, 0xfe, 0x00]).unwrap();
@@ -336,7 +377,10 @@ fn corrupt_files_are_errors_naming_the_file() {
 
     let empty = scratch("empty");
     let err = TextTokenizer::load(&empty).unwrap_err().to_string();
-    assert!(err.contains("tokenizer.json") && err.contains("spiece.model"), "{err}");
+    assert!(
+        err.contains("tokenizer.json") && err.contains("spiece.model"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&d);
     let _ = std::fs::remove_dir_all(&empty);
 }

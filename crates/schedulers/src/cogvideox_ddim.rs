@@ -45,12 +45,7 @@ impl CogVideoXDDIMScheduler {
             cfg.snr_shift_scale,
             cfg.rescale_betas_zero_snr,
         );
-        crate::config::check_table(
-            &file,
-            &table.betas,
-            cfg.trained_betas.is_some(),
-            None,
-        )?;
+        crate::config::check_table(&file, &table.betas, cfg.trained_betas.is_some(), None)?;
         let final_alpha_cumprod = if cfg.set_alpha_to_one {
             1.0
         } else {

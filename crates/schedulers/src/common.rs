@@ -74,12 +74,8 @@ impl Base {
 
     /// The `n` of the last `set_timesteps`, or an error if it was never called.
     pub fn n(&self) -> Result<usize> {
-        self.num_inference_steps.ok_or_else(|| {
-            Error::Msg(format!(
-                "{}: call set_timesteps before step",
-                self.class
-            ))
-        })
+        self.num_inference_steps
+            .ok_or_else(|| Error::Msg(format!("{}: call set_timesteps before step", self.class)))
     }
 
     pub fn check_t(&self, t: usize) -> Result<()> {
@@ -126,7 +122,11 @@ pub(crate) fn check_same_shape(name: &str, a: &Tensor, b: &Tensor) -> Result<()>
     if a.dims() != b.dims() {
         return Err(Error::invalid(
             name,
-            format!("shape {:?} does not match the sample's {:?}", a.dims(), b.dims()),
+            format!(
+                "shape {:?} does not match the sample's {:?}",
+                a.dims(),
+                b.dims()
+            ),
         ));
     }
     Ok(())
@@ -192,10 +192,7 @@ pub(crate) fn pred_eps(
 fn forward_coeffs(table: &NoiseTable, x: &Tensor, t: usize) -> Result<(f64, f64)> {
     let n = table.alphas_cumprod.len();
     if t >= n {
-        return Err(Error::invalid(
-            "timestep",
-            format!("{t} is outside 0..{n}"),
-        ));
+        return Err(Error::invalid("timestep", format!("{t} is outside 0..{n}")));
     }
     let a = table.alphas_cumprod[t];
     Ok(if x.dtype() == DType::F64 {
@@ -206,14 +203,24 @@ fn forward_coeffs(table: &NoiseTable, x: &Tensor, t: usize) -> Result<(f64, f64)
 }
 
 /// q(x_t | x₀): √ᾱ_t·x₀ + √(1−ᾱ_t)·ε.
-pub(crate) fn add_noise(table: &NoiseTable, x0: &Tensor, noise: &Tensor, t: usize) -> Result<Tensor> {
+pub(crate) fn add_noise(
+    table: &NoiseTable,
+    x0: &Tensor,
+    noise: &Tensor,
+    t: usize,
+) -> Result<Tensor> {
     check_same_shape("noise", noise, x0)?;
     let (sa, sb) = forward_coeffs(table, x0, t)?;
     Ok((scale(x0, sa)? + scale(&noise.to_dtype(x0.dtype())?, sb)?)?)
 }
 
 /// v = √ᾱ_t·ε − √(1−ᾱ_t)·x₀.
-pub(crate) fn velocity(table: &NoiseTable, x0: &Tensor, noise: &Tensor, t: usize) -> Result<Tensor> {
+pub(crate) fn velocity(
+    table: &NoiseTable,
+    x0: &Tensor,
+    noise: &Tensor,
+    t: usize,
+) -> Result<Tensor> {
     check_same_shape("noise", noise, x0)?;
     let (sa, sb) = forward_coeffs(table, x0, t)?;
     Ok((scale(&noise.to_dtype(x0.dtype())?, sa)? - scale(x0, sb)?)?)
@@ -263,7 +270,11 @@ fn threshold_sample(x: &Tensor, ratio: f64, max_value: f64) -> Result<Tensor> {
             // torch.clamp(s, min=1, max=sample_max_value) = min(max(s, 1), max_value)
             let one = T::of(1.0);
             let q = if q < one { one } else { q };
-            let s = if q > T::of(max_value) { T::of(max_value) } else { q };
+            let s = if q > T::of(max_value) {
+                T::of(max_value)
+            } else {
+                q
+            };
             out.extend(row.iter().map(|&v| {
                 let c = if v < -s { -s } else { v };
                 let c = if c > s { s } else { c };

@@ -98,16 +98,24 @@ fn check_betas(
     trained: Option<&[f64]>,
     allowed: &[BetaSchedule],
 ) -> Result<()> {
-    ensure(num_train_timesteps >= 1, file, "num_train_timesteps", || {
-        "must be at least 1".into()
-    })?;
+    ensure(
+        num_train_timesteps >= 1,
+        file,
+        "num_train_timesteps",
+        || "must be at least 1".into(),
+    )?;
     if let Some(tb) = trained {
-        ensure(tb.len() == num_train_timesteps, file, "trained_betas", || {
-            format!(
-                "has {} values but num_train_timesteps is {num_train_timesteps}",
-                tb.len()
-            )
-        })?;
+        ensure(
+            tb.len() == num_train_timesteps,
+            file,
+            "trained_betas",
+            || {
+                format!(
+                    "has {} values but num_train_timesteps is {num_train_timesteps}",
+                    tb.len()
+                )
+            },
+        )?;
     } else {
         ensure(allowed.contains(&schedule), file, "beta_schedule", || {
             let names: Vec<_> = allowed.iter().map(|s| s.name()).collect();

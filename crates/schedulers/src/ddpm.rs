@@ -121,17 +121,20 @@ impl DDPMScheduler {
         let (model_output, predicted_variance) = match (model_output.dims(), sample.dims()) {
             (m, s) if learned && m.len() >= 2 && s.len() >= 2 && m[1] == 2 * s[1] => {
                 let c = s[1];
-                (model_output.narrow(1, 0, c)?, Some(model_output.narrow(1, c, c)?))
+                (
+                    model_output.narrow(1, 0, c)?,
+                    Some(model_output.narrow(1, c, c)?),
+                )
             }
             _ if learned => {
                 return Err(Error::invalid(
                     "model_output",
                     format!(
-                        "variance_type {vt:?} needs the model output to hold twice the sample's size \
+                    "variance_type {vt:?} needs the model output to hold twice the sample's size \
                          along dim 1 (sample {:?}, output {:?})",
-                        sample.dims(),
-                        model_output.dims()
-                    ),
+                    sample.dims(),
+                    model_output.dims()
+                ),
                 ))
             }
             _ => (model_output.clone(), None),

@@ -157,7 +157,10 @@ pub fn load_scheduler(path: &Path) -> Result<Box<dyn Scheduler>> {
         let f = path.join("scheduler_config.json");
         if !f.is_file() {
             let hint = if path.join("scheduler").is_dir() {
-                format!(" (for a pipeline folder, pass {})", path.join("scheduler").display())
+                format!(
+                    " (for a pipeline folder, pass {})",
+                    path.join("scheduler").display()
+                )
             } else {
                 String::new()
             };

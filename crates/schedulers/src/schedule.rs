@@ -230,7 +230,11 @@ fn rescale_alphas_bar<T: Real>(alphas_cumprod: &[T]) -> Vec<T> {
 
 /// The CogVideoX schedulers' table: betas, ᾱ, SNR shift `ᾱ/(s+(1-s)ᾱ)`, then (optionally) the
 /// zero-terminal-SNR rescale applied to ᾱ directly.
-pub fn cogvideox_table(spec: &BetaSpec, snr_shift_scale: f64, rescale_zero_snr: bool) -> NoiseTable {
+pub fn cogvideox_table(
+    spec: &BetaSpec,
+    snr_shift_scale: f64,
+    rescale_zero_snr: bool,
+) -> NoiseTable {
     fn build<T: Real>(spec: &BetaSpec, s: f64, rescale: bool, dtype: TableDType) -> NoiseTable {
         let betas = base_betas::<T>(spec);
         let alphas: Vec<T> = betas.iter().map(|&b| T::of(1.0) - b).collect();

@@ -119,10 +119,16 @@ fn check_table(name: &str, got: &[f64], want: &[f64], exact: bool, f32_table: bo
         got.len()
     );
     if exact {
-        assert_eq!(mismatches, 0, "{name}: alphas_cumprod differs (max {worst:.3e})");
+        assert_eq!(
+            mismatches, 0,
+            "{name}: alphas_cumprod differs (max {worst:.3e})"
+        );
     } else {
         let tol = if f32_table { 2.5e-7 } else { 5e-16 };
-        assert!(worst <= tol, "{name}: alphas_cumprod max diff {worst:.3e} > {tol:.0e}");
+        assert!(
+            worst <= tol,
+            "{name}: alphas_cumprod max diff {worst:.3e} > {tol:.0e}"
+        );
     }
     worst
 }
@@ -143,8 +149,18 @@ fn run_steps(
         let want_x0 = case.output(&format!("pred_original_sample_{i}"));
         d_prev = d_prev.max(max_abs_diff(&prev, want_prev).unwrap());
         d_x0 = d_x0.max(max_abs_diff(&x0, want_x0).unwrap());
-        assert_close(&format!("{} prev_sample_{i} (t={t})", case.name), &prev, want_prev, TOL);
-        assert_close(&format!("{} pred_original_sample_{i}", case.name), &x0, want_x0, TOL);
+        assert_close(
+            &format!("{} prev_sample_{i} (t={t})", case.name),
+            &prev,
+            want_prev,
+            TOL,
+        );
+        assert_close(
+            &format!("{} pred_original_sample_{i}", case.name),
+            &x0,
+            want_x0,
+            TOL,
+        );
         sample = prev;
     }
     eprintln!(
@@ -158,7 +174,12 @@ fn run_steps(
 fn run_trait(case: &Case, noise: &mut dyn NoiseSource) {
     let mut s = load_scheduler(&case.dir).unwrap();
     s.set_timesteps(case.n_steps()).unwrap();
-    assert_eq!(s.timesteps(), case.timesteps().as_slice(), "{}: timesteps", case.name);
+    assert_eq!(
+        s.timesteps(),
+        case.timesteps().as_slice(),
+        "{}: timesteps",
+        case.name
+    );
     let mut sample = case.input("sample_0").clone();
     for (i, t) in s.timesteps().to_vec().into_iter().enumerate() {
         let mo = case.input(&format!("model_output_{i}"));
@@ -166,7 +187,12 @@ fn run_trait(case: &Case, noise: &mut dyn NoiseSource) {
         sample = s.step(mo, t, &x, noise).unwrap();
     }
     let last = format!("prev_sample_{}", case.n_steps() - 1);
-    assert_close(&format!("{} via trait, final", case.name), &sample, case.output(&last), TOL);
+    assert_close(
+        &format!("{} via trait, final", case.name),
+        &sample,
+        case.output(&last),
+        TOL,
+    );
 }
 
 /// add_noise / velocity at the recorded timesteps.
@@ -175,9 +201,19 @@ fn check_forward(case: &Case, s: &dyn Scheduler) {
     for t in case.meta["add_noise_timesteps"].as_array().unwrap() {
         let t = t.as_u64().unwrap() as usize;
         let got = s.add_noise(x0, &noise.clone(), t).unwrap();
-        assert_close(&format!("{} add_noise t={t}", case.name), &got, case.output(&format!("add_noise_{t}")), 1e-6);
+        assert_close(
+            &format!("{} add_noise t={t}", case.name),
+            &got,
+            case.output(&format!("add_noise_{t}")),
+            1e-6,
+        );
         let got = s.velocity(x0, noise, t).unwrap();
-        assert_close(&format!("{} velocity t={t}", case.name), &got, case.output(&format!("velocity_{t}")), 1e-6);
+        assert_close(
+            &format!("{} velocity t={t}", case.name),
+            &got,
+            case.output(&format!("velocity_{t}")),
+            1e-6,
+        );
     }
 }
 
@@ -186,7 +222,13 @@ fn cog_ddim_case(name: &str) {
     let cfg = CogVideoXSchedulerConfig::load(&case.config_path()).unwrap();
     let mut s = CogVideoXDDIMScheduler::new(cfg).unwrap();
     let rescaled = s.config().rescale_betas_zero_snr;
-    check_table(name, s.alphas_cumprod(), &case.alphas_cumprod(), !rescaled, false);
+    check_table(
+        name,
+        s.alphas_cumprod(),
+        &case.alphas_cumprod(),
+        !rescaled,
+        false,
+    );
     s.set_timesteps(case.n_steps()).unwrap();
     assert_eq!(s.timesteps(), case.timesteps().as_slice());
     run_steps(&case, |mo, t, x| s.step_with_x0(mo, t, x).unwrap());
@@ -211,7 +253,13 @@ fn cogvideox_dpm_5b_n5() {
     let cfg = CogVideoXSchedulerConfig::load(&case.config_path()).unwrap();
     let mut s = CogVideoXDPMScheduler::new(cfg).unwrap();
     let rescaled = s.config().rescale_betas_zero_snr;
-    check_table(name, s.alphas_cumprod(), &case.alphas_cumprod(), !rescaled, false);
+    check_table(
+        name,
+        s.alphas_cumprod(),
+        &case.alphas_cumprod(),
+        !rescaled,
+        false,
+    );
     s.set_timesteps(case.n_steps()).unwrap();
     let (mut noise, n_draws) = case.recorded_noise();
     // Draws per step: 1, 2, ..., 2, 1.
@@ -222,8 +270,14 @@ fn cogvideox_dpm_5b_n5() {
         .map(|s| s["noise_draws"].as_u64().unwrap())
         .collect();
     assert_eq!(per_step, [1, 2, 2, 2, 1]);
-    run_steps(&case, |mo, t, x| s.step_with_x0(mo, t, x, &mut noise).unwrap());
-    assert_eq!(noise.used(), n_draws, "every recorded draw is consumed, in order");
+    run_steps(&case, |mo, t, x| {
+        s.step_with_x0(mo, t, x, &mut noise).unwrap()
+    });
+    assert_eq!(
+        noise.used(),
+        n_draws,
+        "every recorded draw is consumed, in order"
+    );
     assert_eq!(noise.remaining(), 0);
 
     // Through the trait, and again after set_timesteps resets the multistep state.
@@ -239,10 +293,18 @@ fn ddim_plain(name: &str) {
     let eta = case.meta["eta"].as_f64().unwrap();
     let mut s = DDIMScheduler::new(cfg).unwrap().with_eta(eta).unwrap();
     let rescaled = s.config().rescale_betas_zero_snr;
-    check_table(name, s.alphas_cumprod(), &case.alphas_cumprod(), !rescaled, true);
+    check_table(
+        name,
+        s.alphas_cumprod(),
+        &case.alphas_cumprod(),
+        !rescaled,
+        true,
+    );
     s.set_timesteps(case.n_steps()).unwrap();
     let (mut noise, n_draws) = case.recorded_noise();
-    run_steps(&case, |mo, t, x| s.step_with_x0(mo, t, x, &mut noise).unwrap());
+    run_steps(&case, |mo, t, x| {
+        s.step_with_x0(mo, t, x, &mut noise).unwrap()
+    });
     assert_eq!((noise.used(), noise.remaining()), (n_draws, 0));
     check_forward(&case, &s);
     if eta == 0.0 {
@@ -286,7 +348,9 @@ fn ddpm(name: &str) {
     }
     s.set_timesteps(case.n_steps()).unwrap();
     let (mut noise, n_draws) = case.recorded_noise();
-    run_steps(&case, |mo, t, x| s.step_with_x0(mo, t, x, &mut noise).unwrap());
+    run_steps(&case, |mo, t, x| {
+        s.step_with_x0(mo, t, x, &mut noise).unwrap()
+    });
     assert_eq!((noise.used(), noise.remaining()), (n_draws, 0));
     check_forward(&case, &s);
     let (mut noise, _) = case.recorded_noise();
@@ -368,9 +432,15 @@ fn trailing_spurious_minus_one_is_dropped() {
 /// The presets restate the fixtures' configs.
 #[test]
 fn presets_match_fixture_configs() {
-    let c2 = CogVideoXSchedulerConfig::load(&fixture_dir("scheduler_ddim_2b_n5").join("scheduler_config.json")).unwrap();
+    let c2 = CogVideoXSchedulerConfig::load(
+        &fixture_dir("scheduler_ddim_2b_n5").join("scheduler_config.json"),
+    )
+    .unwrap();
     assert_eq!(c2, CogVideoXSchedulerConfig::cogvideox_2b());
-    let c5 = CogVideoXSchedulerConfig::load(&fixture_dir("scheduler_dpm_5b_n5").join("scheduler_config.json")).unwrap();
+    let c5 = CogVideoXSchedulerConfig::load(
+        &fixture_dir("scheduler_dpm_5b_n5").join("scheduler_config.json"),
+    )
+    .unwrap();
     assert_eq!(c5, CogVideoXSchedulerConfig::cogvideox_5b());
 }
 

@@ -26,7 +26,11 @@ fn plan(what: &str, w: u32, h: u32, tw: u32, th: u32) -> Plan {
     let cw = ((tw as f64 / scale).round() as u32).clamp(1, w);
     let ch = ((th as f64 / scale).round() as u32).clamp(1, h);
     let (x, y) = ((w - cw) / 2, (h - ch) / 2);
-    let verb = if scale > 1.0 { "upscaled" } else { "downscaled" };
+    let verb = if scale > 1.0 {
+        "upscaled"
+    } else {
+        "downscaled"
+    };
     let mut cuts = Vec::new();
     if cw < w {
         cuts.push(format!("{x} px left and {} px right", w - cw - x));
@@ -88,14 +92,28 @@ pub fn fit(image: &Image, width: u32, height: u32) -> (Image, Option<String>) {
     let (w, h) = (image.width, image.height);
     if let Some(msg) = degenerate("image", w, h, image.data.len(), width, height) {
         let data = vec![0; width as usize * height as usize * 3];
-        return (Image { width, height, data }, Some(msg));
+        return (
+            Image {
+                width,
+                height,
+                data,
+            },
+            Some(msg),
+        );
     }
     if (w, h) == (width, height) {
         return (image.clone(), None);
     }
     let plan = plan("image", w, h, width, height);
     let data = apply(&plan, w, h, &image.data, width, height);
-    (Image { width, height, data }, Some(plan.message))
+    (
+        Image {
+            width,
+            height,
+            data,
+        },
+        Some(plan.message),
+    )
 }
 
 /// [`fit`] for every frame of a clip (the same crop for all frames); fps is kept.
@@ -110,14 +128,34 @@ pub fn fit_video(video: &Video, width: u32, height: u32) -> (Video, Option<Strin
     };
     if let Some(msg) = problem {
         let frames = vec![vec![0; width as usize * height as usize * 3]; video.frames.len()];
-        return (Video { width, height, fps: video.fps, frames }, Some(msg));
+        return (
+            Video {
+                width,
+                height,
+                fps: video.fps,
+                frames,
+            },
+            Some(msg),
+        );
     }
     if (w, h) == (width, height) {
         return (video.clone(), None);
     }
     let plan = plan("video", w, h, width, height);
-    let frames = video.frames.iter().map(|f| apply(&plan, w, h, f, width, height)).collect();
-    (Video { width, height, fps: video.fps, frames }, Some(plan.message))
+    let frames = video
+        .frames
+        .iter()
+        .map(|f| apply(&plan, w, h, f, width, height))
+        .collect();
+    (
+        Video {
+            width,
+            height,
+            fps: video.fps,
+            frames,
+        },
+        Some(plan.message),
+    )
 }
 
 #[cfg(test)]
@@ -128,7 +166,11 @@ mod tests {
     fn plan_centres_the_crop() {
         let p = plan("image", 100, 50, 64, 64);
         assert_eq!((p.x, p.y, p.cw, p.ch), (25, 0, 50, 50));
-        assert!(p.message.contains("25 px left and 25 px right"), "{}", p.message);
+        assert!(
+            p.message.contains("25 px left and 25 px right"),
+            "{}",
+            p.message
+        );
         let p = plan("image", 128, 128, 64, 64);
         assert_eq!((p.x, p.y, p.cw, p.ch), (0, 0, 128, 128));
         assert!(p.message.contains("downscaled by 0.500"), "{}", p.message);

@@ -26,7 +26,9 @@ pub fn gif_delay_cs(fps: f32) -> u16 {
 }
 
 /// Builds a palette (RGB triplets) and index buffer if `pixels` (RGB8) use at most 256 colours.
-fn exact_palette<'a>(frames: impl Iterator<Item = &'a [u8]>) -> Option<(Vec<u8>, HashMap<u32, u8>)> {
+fn exact_palette<'a>(
+    frames: impl Iterator<Item = &'a [u8]>,
+) -> Option<(Vec<u8>, HashMap<u32, u8>)> {
     let mut map: HashMap<u32, u8> = HashMap::new();
     let mut palette = Vec::new();
     for frame in frames {
@@ -66,7 +68,8 @@ pub(crate) fn write(path: &Path, video: &Video) -> Result<(), VideoError> {
 
     let global = exact_palette(video.frames.iter().map(|f| f.as_slice()));
     let global_palette: &[u8] = global.as_ref().map_or(&[], |(p, _)| p.as_slice());
-    let mut encoder = Encoder::new(BufWriter::new(file), w16, h16, global_palette).map_err(gif_err)?;
+    let mut encoder =
+        Encoder::new(BufWriter::new(file), w16, h16, global_palette).map_err(gif_err)?;
     encoder.set_repeat(Repeat::Infinite).map_err(gif_err)?;
     for frame in &video.frames {
         let mut out = match &global {
@@ -84,7 +87,7 @@ pub(crate) fn write(path: &Path, video: &Video) -> Result<(), VideoError> {
                     palette: Some(palette),
                     ..Frame::default()
                 },
-                None => Frame::from_rgb_speed(w16, h16, frame, 10),
+                None => Frame::from_rgb_speed(w16, h16, frame, 1),
             },
         };
         out.delay = delay;
@@ -151,7 +154,11 @@ pub(crate) fn read(path: &Path) -> Result<Video, VideoError> {
             }
         }
         pending = Some((frame.dispose, (l, t, fw, fh)));
-        total_delay += if frame.delay <= 1 { 10 } else { frame.delay as u64 };
+        total_delay += if frame.delay <= 1 {
+            10
+        } else {
+            frame.delay as u64
+        };
         let mut rgb = Vec::with_capacity(cw * ch * 3);
         for px in canvas.chunks_exact(4) {
             if px[3] == 0 {

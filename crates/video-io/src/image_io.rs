@@ -34,7 +34,11 @@ pub(crate) fn decode_rgb(path: &Path, format: Option<ImageFormat>) -> Result<Ima
             })
         }
     };
-    let name = if format == ImageFormat::Png { "PNG" } else { "JPEG" };
+    let name = if format == ImageFormat::Png {
+        "PNG"
+    } else {
+        "JPEG"
+    };
     let img = image::load_from_memory_with_format(&bytes, format)
         .map_err(|e| VideoError::format(path, name, e))?
         .into_rgb8();

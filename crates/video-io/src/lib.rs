@@ -24,7 +24,7 @@ pub use error::{DisplayPath, VideoError};
 pub use fit::{fit, fit_video};
 pub use gif::gif_delay_cs;
 pub use image_io::Image;
-pub use mp4::H264Options;
+pub use mp4::{H264Options, MIN_QP};
 pub use pngdir::{frame_name, DEFAULT_FPS};
 
 /// A clip of RGB8 frames.
@@ -56,7 +56,9 @@ const FOREIGN: &[&str] = &[
 ];
 
 fn extension(path: &Path) -> Option<String> {
-    path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase())
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
 }
 
 /// The format [`write_video`] uses for `path`: `.mp4` and `.gif` files, a directory for a path
@@ -122,7 +124,9 @@ pub fn input_format(path: &Path) -> Result<VideoFormat, VideoError> {
     Err(VideoError::Unsupported {
         path: DisplayPath::file(path),
         what: match extension(path) {
-            Some(ext) => format!("unsupported video format .{ext} (neither MP4 nor GIF by content)"),
+            Some(ext) => {
+                format!("unsupported video format .{ext} (neither MP4 nor GIF by content)")
+            }
             None => "is neither MP4 nor GIF by content".to_string(),
         },
         expected: "an .mp4 or .gif file, or a directory of frame_NNN.png files",
@@ -254,7 +258,9 @@ pub fn psnr(a: &[u8], b: &[u8]) -> f64 {
 /// PSNR over all frames of two clips (the mean squared error pooled over every sample);
 /// NaN when sizes or frame counts differ.
 pub fn video_psnr(a: &Video, b: &Video) -> f64 {
-    if (a.width, a.height, a.frames.len()) != (b.width, b.height, b.frames.len()) || a.frames.is_empty() {
+    if (a.width, a.height, a.frames.len()) != (b.width, b.height, b.frames.len())
+        || a.frames.is_empty()
+    {
         return f64::NAN;
     }
     let mut se = 0u64;
@@ -306,21 +312,4 @@ pub fn yuv420_roundtrip(frame: &[u8], width: u32, height: u32) -> Option<Vec<u8>
     };
     yuv::i420_to_rgb(&pic, w, h, &mut out);
     Some(out)
-}
-
-#[doc(hidden)]
-pub fn yuv420_roundtrip_mode(frame: &[u8], width: u32, height: u32, mode: &str, eps: f32) -> Vec<u8> {
-    let (w, h) = (width as usize, height as usize);
-    let buf = yuv::rgb_to_i420(frame, w, h);
-    let (y, uv) = buf.split_at(w * h);
-    let (u, v) = uv.split_at(w * h / 4);
-    let mut out = Vec::with_capacity(w * h * 3);
-    let pic = yuv::I420 { y, u, v, y_stride: w, uv_stride: w / 2 };
-    let m = match mode {
-        "nearest" => yuv::Upsample::Nearest,
-        "bilinear" => yuv::Upsample::Bilinear,
-        _ => yuv::Upsample::Guided { eps },
-    };
-    yuv::i420_to_rgb_with(&pic, w, h, &mut out, m);
-    out
 }

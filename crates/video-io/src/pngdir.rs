@@ -157,7 +157,10 @@ fn read_fps(dir: &Path) -> Result<f32, VideoError> {
     let fps: f32 = text.trim().parse().map_err(|_| {
         VideoError::invalid(
             &p,
-            format!("{:?} is not a number; expected the frame rate, e.g. 8", text.trim()),
+            format!(
+                "{:?} is not a number; expected the frame rate, e.g. 8",
+                text.trim()
+            ),
         )
     })?;
     crate::check_fps(&p, fps)?;

@@ -15,11 +15,12 @@
 //! println!("{}", report.table());
 //! ```
 //!
-//! Modules: [`scene`] (types, palette, geometry, kinematics), [`split`] (split rules, sampler,
+//! Modules: [`bench`] (throughput), [`scene`] (types, palette, geometry, kinematics), [`split`] (split rules, sampler,
 //! seeding), [`render`], [`caption`] (sampler and parser), [`score`] (the scorer), [`report`]
 //! (aggregation, chance), [`dataset`] (`captions.jsonl` + clips on disk), [`perturb`] (blur,
 //! noise, null clips for the gates).
 
+pub mod bench;
 pub mod caption;
 pub mod dataset;
 mod error;

@@ -377,7 +377,7 @@ pub fn score_clip_at(
         .map(|f| {
             label_pixels(f, background, &mut labels);
             let mut blobs = components(&labels, &mut comp_of, width, height);
-            merge_rims(&mut blobs, &mut comp_of, width, height);
+            merge_rims(&mut blobs, &mut comp_of, f, bg, width, height);
             let kept: Vec<bool> = blobs.iter().map(|b| b.pixels.len() >= min_px).collect();
             owner.fill(u32::MAX);
             let mut comps = Vec::new();
@@ -543,11 +543,30 @@ fn components(labels: &[u8], comp_of: &mut [u32], w: usize, h: usize) -> Vec<Blo
     blobs
 }
 
-/// Merges rims into the components they surround: a blob at least half of whose pixels are
-/// 8-adjacent to one larger blob of another colour joins that blob (taking its colour). Repeats
-/// until nothing changes. Two real objects never touch this way: their bounding boxes stay more
-/// than a pixel apart, and a real object shares at most a short stretch of border with another.
-fn merge_rims(blobs: &mut Vec<Blob>, comp_of: &mut [u32], w: usize, h: usize) {
+/// Largest RGB distance of a rim pixel from the line between the background and its core's
+/// colour.
+pub const RIM_RESIDUAL: f32 = 30.0;
+
+/// Where `px` lies on the way from `bg` to `c` (0 at the background, 1 at the colour), and its
+/// distance from that line.
+fn mixture(px: [f32; 3], bg: [f32; 3], c: [f32; 3]) -> (f32, f32) {
+    let d = [c[0] - bg[0], c[1] - bg[1], c[2] - bg[2]];
+    let q = [px[0] - bg[0], px[1] - bg[1], px[2] - bg[2]];
+    let dd = (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).max(1.0);
+    let a = (q[0] * d[0] + q[1] * d[1] + q[2] * d[2]) / dd;
+    let r = [q[0] - a * d[0], q[1] - a * d[1], q[2] - a * d[2]];
+    (a, (r[0] * r[0] + r[1] * r[1] + r[2] * r[2]).sqrt())
+}
+
+/// Merges rims into the components they surround: a blob joins a larger blob of another colour
+/// (taking its colour) when at least half of its pixels are 8-adjacent to it and at least two
+/// thirds of its pixels are mixtures of that blob's colour with the background (within
+/// [`RIM_RESIDUAL`] of the line between them, at least 20% of the way to the colour), as blurred
+/// and anti-aliased edges are. Repeats until nothing changes. Two real objects never merge this
+/// way: they stay more than a pixel apart, share at most a short stretch of border, and are not
+/// mixtures of each other's colour with the background; nor do noise speckles, which are not
+/// such mixtures either.
+fn merge_rims(blobs: &mut Vec<Blob>, comp_of: &mut [u32], frame: &[u8], bg: [f32; 3], w: usize, h: usize) {
     loop {
         let mut changed = false;
         // Smallest first, so a rim joins its core before the core is considered.
@@ -592,6 +611,20 @@ fn merge_rims(blobs: &mut Vec<Blob>, comp_of: &mut [u32], w: usize, h: usize) {
                 continue;
             };
             if 2 * k < size {
+                continue;
+            }
+            let c = OBJECT_RGB[blobs[target as usize].colour as usize].map(|v| v as f32);
+            let mixed = blobs[b]
+                .pixels
+                .iter()
+                .filter(|&&p| {
+                    let p = p as usize;
+                    let px = [frame[p * 3] as f32, frame[p * 3 + 1] as f32, frame[p * 3 + 2] as f32];
+                    let (a, res) = mixture(px, bg, c);
+                    a >= 0.2 && res <= RIM_RESIDUAL
+                })
+                .count();
+            if 3 * mixed < 2 * size {
                 continue;
             }
             let moved = std::mem::take(&mut blobs[b].pixels);
@@ -732,12 +765,9 @@ fn measure(colour: u8, mask: &[u32], owner: &[u32], w: usize, h: usize) -> Compo
     let r_box = ((j1 + 1 - j0) + (i1 + 1 - i0)) as f64 / 4.0;
     let mut best = (Shape::Circle, -1.0);
     for &s in Shape::ALL {
-        let r_area = (area as f64 / s.area(1.0)).sqrt();
-        for r in [r_box, r_area] {
-            let iou = template_iou(s, tx, ty, r, id, owner, w, h, (i0, i1, j0, j1));
-            if iou > best.1 {
-                best = (s, iou);
-            }
+        let iou = template_iou(s, tx, ty, r_box, id, owner, w, h, (i0, i1, j0, j1));
+        if iou > best.1 {
+            best = (s, iou);
         }
     }
     Component { colour, area, cx, cy, shape: best.0, iou: best.1 }

@@ -7,7 +7,7 @@
 //! `--nocapture` to see them.
 
 use rand::SeedableRng;
-use vdit_world::perturb::{add_noise, blur};
+use vdit_world::perturb::{add_noise, blur, constant_clip, noise_clip};
 use vdit_world::*;
 
 const SIZES: [(usize, usize); 4] = [(64, 64), (96, 64), (64, 96), (112, 64)];
@@ -22,6 +22,17 @@ fn run(
     shuffle: bool,
     make: impl Fn(u64, &Scene, RenderOpts) -> Vec<Vec<u8>> + Sync,
 ) -> Report {
+    run_clips(n, seed, frames, antialias, shuffle, make).0
+}
+
+fn run_clips(
+    n: u64,
+    seed: u64,
+    frames: usize,
+    antialias: bool,
+    shuffle: bool,
+    make: impl Fn(u64, &Scene, RenderOpts) -> Vec<Vec<u8>> + Sync,
+) -> (Report, Attrs<Tally>) {
     use rayon::prelude::*;
     let clips: Vec<(Split, ParsedCaption, ClipScore)> = (0..n)
         .into_par_iter()
@@ -43,10 +54,12 @@ fn run(
         })
         .collect();
     let mut r = Report::new();
+    let mut t = Attrs::<Tally>::default();
     for (s, p, c) in &clips {
         r.add(Some(*s), p, c, None);
+        t.merge(&c.tally());
     }
-    r
+    (r, t)
 }
 
 fn all(r: &Report) -> GroupSummary {
@@ -102,4 +115,44 @@ fn blurred_and_noised_score_at_least_97() {
     assert_at_least("blur 1 px + noise 10, aliased", &r, 0.97);
     let r = run(480, 22, 17, true, false, degrade);
     assert_at_least("blur 1 px + noise 10, anti-aliased", &r, 0.97);
+}
+
+/// Asserts accuracy within `3 SE + 0.02` of chance (two-sided), or at most that far above it
+/// (one-sided, for videos from which nothing can be recovered), where SE = sqrt(c (1 - c) / n)
+/// for chance c over n judgements. Returns the largest |accuracy - chance|.
+fn assert_near_chance(name: &str, r: &Report, t: &Attrs<Tally>, two_sided: bool) -> f64 {
+    let g = all(r);
+    println!("{name}:\n{}", r.table());
+    let mut worst = 0.0f64;
+    for ((k, a), (c, n)) in Attrs::<()>::NAMES
+        .iter()
+        .zip(g.accuracy.as_array())
+        .zip(g.chance.as_array().into_iter().zip(t.as_array()))
+    {
+        let (a, c) = (a.expect("judged"), c.expect("judged"));
+        let band = 3.0 * (c * (1.0 - c) / n.total).sqrt() + 0.02;
+        println!("  {k:<10} accuracy {a:.4} chance {c:.4} band {band:.4} (n = {})", n.total);
+        if two_sided {
+            assert!((a - c).abs() <= band, "{name}: {k} accuracy {a:.4} vs chance {c:.4} (band {band:.4})");
+        } else {
+            assert!(a <= c + band, "{name}: {k} accuracy {a:.4} above chance {c:.4} + {band:.4}");
+        }
+        worst = worst.max((a - c).abs());
+    }
+    worst
+}
+
+#[test]
+fn uninformative_videos_score_near_chance() {
+    let (r, t) = run_clips(360, 31, 17, false, true, |_, s, o| render(s, o));
+    assert_near_chance("shuffled captions", &r, &t, true);
+    let (r, t) = run_clips(240, 32, 17, false, false, |i, _, o| {
+        noise_clip(o.width, o.height, o.frames, &mut rand_chacha::ChaCha8Rng::seed_from_u64(i))
+    });
+    assert_near_chance("pure noise", &r, &t, false);
+    let (r, t) = run_clips(240, 33, 17, false, false, |i, _, o| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(i);
+        constant_clip(o.width, o.height, o.frames, rand::Rng::random(&mut rng))
+    });
+    assert_near_chance("constant frames", &r, &t, false);
 }

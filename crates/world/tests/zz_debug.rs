@@ -18,7 +18,7 @@ fn debug_confusion() {
             let so = scene.objects.iter().find(|x| x.colour == o.stated.colour).unwrap();
             if let Some(t) = o.matched {
                 let t = &s.tracks[t];
-                *conf.entry((so.shape, so.size, t.shape, so.colour)).or_insert(0) += 1;
+                *conf.entry((so.shape, so.size, t.shape, so.colour, scene.background)).or_insert(0) += 1;
             }
         }
     }

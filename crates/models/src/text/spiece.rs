@@ -234,7 +234,11 @@ fn parse_trainer(b: &[u8]) -> std::result::Result<TrainerSpec, String> {
                     2 => ModelType::Bpe,
                     3 => ModelType::Word,
                     4 => ModelType::Char,
-                    _ => return Err(format!("trainer_spec.model_type {v} is not a known model type")),
+                    _ => {
+                        return Err(format!(
+                            "trainer_spec.model_type {v} is not a known model type"
+                        ))
+                    }
                 }
             }
             // int32 fields: negative values are sign-extended to 64 bits on the wire.
@@ -324,7 +328,10 @@ impl<'a> Reader<'a> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let Some(&b) = self.buf.get(self.pos) else {
-                return Err(format!("{}: truncated varint at byte {}", self.message, self.pos));
+                return Err(format!(
+                    "{}: truncated varint at byte {}",
+                    self.message, self.pos
+                ));
             };
             self.pos += 1;
             v |= u64::from(b & 0x7f) << shift;
@@ -332,18 +339,25 @@ impl<'a> Reader<'a> {
                 return Ok(v);
             }
         }
-        Err(format!("{}: varint longer than 10 bytes at byte {}", self.message, self.pos))
+        Err(format!(
+            "{}: varint longer than 10 bytes at byte {}",
+            self.message, self.pos
+        ))
     }
 
     fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            format!(
-                "{}: a field of {n} bytes at byte {} runs past the end ({} bytes)",
-                self.message,
-                self.pos,
-                self.buf.len()
-            )
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                format!(
+                    "{}: a field of {n} bytes at byte {} runs past the end ({} bytes)",
+                    self.message,
+                    self.pos,
+                    self.buf.len()
+                )
+            })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -368,10 +382,13 @@ impl<'a> Reader<'a> {
             }
             2 => {
                 let n = self.varint()?;
-                let n = usize::try_from(n).map_err(|_| format!("{}: length {n} too large", self.message))?;
+                let n = usize::try_from(n)
+                    .map_err(|_| format!("{}: length {n} too large", self.message))?;
                 Value::Bytes(self.take(n)?)
             }
-            5 => Value::Fixed32(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes"))),
+            5 => Value::Fixed32(u32::from_le_bytes(
+                self.take(4)?.try_into().expect("4 bytes"),
+            )),
             w => {
                 return Err(format!(
                     "{}: unsupported wire type {w} (field {field}) at byte {at}",

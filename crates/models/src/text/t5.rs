@@ -202,18 +202,31 @@ impl T5EncoderConfig {
             ensure(v > 0, file, key, || "must be at least 1, found 0".into())?;
         }
         let nb = self.relative_attention_num_buckets;
-        ensure(nb >= 4 && nb % 2 == 0, file, "relative_attention_num_buckets", || {
-            format!("must be even and at least 4 (half per direction, half of those exact), found {nb}")
-        })?;
+        ensure(
+            nb >= 4 && nb.is_multiple_of(2),
+            file,
+            "relative_attention_num_buckets",
+            || {
+                format!("must be even and at least 4 (half per direction, half of those exact), found {nb}")
+            },
+        )?;
         let max_exact = nb / 4;
         let md = self.relative_attention_max_distance;
-        ensure(md > max_exact, file, "relative_attention_max_distance", || {
-            format!("must exceed the exact range relative_attention_num_buckets/4 = {max_exact}, found {md}")
-        })?;
+        ensure(
+            md > max_exact,
+            file,
+            "relative_attention_max_distance",
+            || {
+                format!("must exceed the exact range relative_attention_num_buckets/4 = {max_exact}, found {md}")
+            },
+        )?;
         let eps = self.layer_norm_epsilon;
-        ensure(eps.is_finite() && eps > 0.0, file, "layer_norm_epsilon", || {
-            format!("must be a positive number, found {eps}")
-        })?;
+        ensure(
+            eps.is_finite() && eps > 0.0,
+            file,
+            "layer_norm_epsilon",
+            || format!("must be a positive number, found {eps}"),
+        )?;
         let Some((gated, _, act_name)) = self.feed_forward() else {
             return Err(Error::config(
                 file,
@@ -249,7 +262,9 @@ impl T5EncoderConfig {
 
     /// The equivalent candle-transformers config (encoder only, no cache).
     fn to_candle(&self) -> ct5::Config {
-        let (gated, activation, _) = self.feed_forward().unwrap_or((false, Activation::Relu, "relu"));
+        let (gated, activation, _) =
+            self.feed_forward()
+                .unwrap_or((false, Activation::Relu, "relu"));
         ct5::Config {
             vocab_size: self.vocab_size,
             d_model: self.d_model,
@@ -317,7 +332,11 @@ impl T5Encoder {
         let vb = weights.var_builder(dtype, dev);
         let model = Self::new(&cfg, vb)?;
         // candle's loader reads `shared.weight` when present, else `encoder.embed_tokens.weight`.
-        let ignore: &[&str] = if weights.contains("shared.weight") { &[TIED_EMBEDDING] } else { &[] };
+        let ignore: &[&str] = if weights.contains("shared.weight") {
+            &[TIED_EMBEDDING]
+        } else {
+            &[]
+        };
         weights.check_all_used(ignore)?;
         tracing::debug!(weights = %weights.describe(), layers = cfg.num_layers, d_model = cfg.d_model, ?dtype, "loaded T5 encoder");
         Ok(model)
@@ -336,10 +355,16 @@ impl T5Encoder {
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let _span = tracing::trace_span!("t5_encoder", shape = ?ids.dims()).entered();
         let (b, l) = ids.dims2().map_err(|_| {
-            candle_core::Error::Msg(format!("T5 encoder: token ids must be [batch, length], found shape {:?}", ids.dims()))
+            candle_core::Error::Msg(format!(
+                "T5 encoder: token ids must be [batch, length], found shape {:?}",
+                ids.dims()
+            ))
         })?;
         if !matches!(ids.dtype(), DType::U32 | DType::I64) {
-            candle_core::bail!("T5 encoder: token ids must be u32 or i64, found {:?}", ids.dtype());
+            candle_core::bail!(
+                "T5 encoder: token ids must be u32 or i64, found {:?}",
+                ids.dtype()
+            );
         }
         if b == 0 || l == 0 {
             candle_core::bail!("T5 encoder: empty input of shape [{b}, {l}]");
@@ -347,7 +372,10 @@ impl T5Encoder {
         // Out-of-range ids would otherwise be an index error deep inside the embedding (or, for
         // u32::MAX, silently a zero row).
         let ids_u = ids.to_dtype(DType::I64)?.flatten_all()?;
-        let (lo, hi) = (ids_u.min(0)?.to_scalar::<i64>()?, ids_u.max(0)?.to_scalar::<i64>()?);
+        let (lo, hi) = (
+            ids_u.min(0)?.to_scalar::<i64>()?,
+            ids_u.max(0)?.to_scalar::<i64>()?,
+        );
         if lo < 0 || hi >= self.cfg.vocab_size as i64 {
             candle_core::bail!(
                 "T5 encoder: token ids must lie in [0, {}) (vocab_size), found range [{lo}, {hi}]",

@@ -93,7 +93,7 @@ impl TextTokenizer {
                         path,
                         "padding",
                         format!(
-                            "no pad token: the file has no `padding` section and its vocabulary has no `{pad}`"
+                            "no pad token: the file has no `padding` section and its vocabulary has no `{pad}` (name one as `pad_token` in a {TOKENIZER_CONFIG} beside it)"
                         ),
                     )
                 })?
@@ -115,11 +115,11 @@ impl TextTokenizer {
         let map = read_json_object(&dir.join(SPECIAL_TOKENS_MAP))?;
         let spec = T5Specials::resolve(cfg.as_ref(), map.as_ref())?;
         let tok = build_t5_tokenizer(&sp, &spiece_path, &spec)?;
-        let pad_id = tok.token_to_id(&spec.pad).ok_or_else(|| {
+        let pad_id = tok.token_to_id(&spec.pad.token).ok_or_else(|| {
             Error::config(
                 &spiece_path,
                 "pad_token",
-                format!("pad token `{}` is not in the vocabulary", spec.pad),
+                format!("`{}` is not in the vocabulary", spec.pad.token),
             )
         })?;
         Ok(Self {
@@ -212,12 +212,19 @@ impl TextTokenizer {
     }
 }
 
+/// A special token and the config file that named it (`None`: the T5 default).
+#[derive(Debug, Clone)]
+struct Named {
+    token: String,
+    from: Option<PathBuf>,
+}
+
 /// The special tokens of a T5 tokenizer folder.
 #[derive(Debug, Clone)]
 struct T5Specials {
-    eos: String,
-    unk: String,
-    pad: String,
+    eos: Named,
+    unk: Named,
+    pad: Named,
     extra_ids: usize,
     /// Additional special tokens other than the generated `<extra_id_N>`.
     additional: Vec<String>,
@@ -231,29 +238,44 @@ impl T5Specials {
         cfg: Option<&(PathBuf, serde_json::Map<String, serde_json::Value>)>,
         map: Option<&(PathBuf, serde_json::Map<String, serde_json::Value>)>,
     ) -> Result<Self> {
-        let lookup = |key: &str| -> Result<Option<String>> {
+        let lookup = |key: &str, default: &str| -> Result<Named> {
             for src in [map, cfg].into_iter().flatten() {
-                if let Some(v) = token_field(&src.0, &src.1, key)? {
-                    return Ok(Some(v));
+                if let Some(token) = token_field(&src.0, &src.1, key)? {
+                    return Ok(Named {
+                        token,
+                        from: Some(src.0.clone()),
+                    });
                 }
             }
-            Ok(None)
+            Ok(Named {
+                token: default.into(),
+                from: None,
+            })
         };
-        let eos = lookup("eos_token")?.unwrap_or_else(|| "</s>".into());
-        let unk = lookup("unk_token")?.unwrap_or_else(|| "<unk>".into());
-        let pad = lookup("pad_token")?.unwrap_or_else(|| "<pad>".into());
+        let eos = lookup("eos_token", "</s>")?;
+        let unk = lookup("unk_token", "<unk>")?;
+        let pad = lookup("pad_token", "<pad>")?;
+        let extra_ids_from = cfg
+            .map(|(f, _)| f.display().to_string())
+            .unwrap_or_else(|| "the default".into());
         let extra_ids = match cfg.and_then(|(f, o)| o.get("extra_ids").map(|v| (f, v))) {
             None => DEFAULT_EXTRA_IDS,
             Some((f, v)) => v
                 .as_u64()
                 .and_then(|n| usize::try_from(n).ok())
-                .ok_or_else(|| Error::config(f, "extra_ids", format!("expected a count, found {v}")))?,
+                .ok_or_else(|| {
+                    Error::config(f, "extra_ids", format!("expected a count, found {v}"))
+                })?,
         };
         let mut listed = None;
         for (f, o) in [map, cfg].into_iter().flatten() {
             if let Some(v) = o.get("additional_special_tokens") {
                 let arr = v.as_array().ok_or_else(|| {
-                    Error::config(f, "additional_special_tokens", format!("expected a list, found {v}"))
+                    Error::config(
+                        f,
+                        "additional_special_tokens",
+                        format!("expected a list, found {v}"),
+                    )
                 })?;
                 let mut toks = Vec::with_capacity(arr.len());
                 for (k, t) in arr.iter().enumerate() {
@@ -278,11 +300,13 @@ impl T5Specials {
                         &f,
                         "additional_special_tokens",
                         format!(
-                            "lists {n_sentinels} <extra_id_N> tokens but extra_ids is {extra_ids} (transformers rejects this too)"
+                            "lists {n_sentinels} <extra_id_N> tokens but extra_ids ({extra_ids_from}) is {extra_ids}; transformers rejects this too"
                         ),
                     ));
                 }
-                toks.into_iter().filter(|t| !is_sentinel(t, extra_ids)).collect()
+                toks.into_iter()
+                    .filter(|t| !is_sentinel(t, extra_ids))
+                    .collect()
             }
         };
         Ok(Self {
@@ -303,7 +327,11 @@ fn is_sentinel(t: &str, extra_ids: usize) -> bool {
 }
 
 /// transformers' T5 conversion of a SentencePiece model into a `tokenizers` pipeline.
-fn build_t5_tokenizer(sp: &SentencePieceModel, path: &Path, spec: &T5Specials) -> Result<Tokenizer> {
+fn build_t5_tokenizer(
+    sp: &SentencePieceModel,
+    path: &Path,
+    spec: &T5Specials,
+) -> Result<Tokenizer> {
     let bad = |key: &str, msg: String| Error::config(path, key, msg);
     if sp.trainer_spec.model_type != ModelType::Unigram {
         return Err(bad(
@@ -332,11 +360,26 @@ fn build_t5_tokenizer(sp: &SentencePieceModel, path: &Path, spec: &T5Specials) -
         .iter()
         .map(|p| (p.piece.clone(), f64::from(p.score)))
         .collect();
-    vocab.extend((0..spec.extra_ids).rev().map(|i| (format!("<extra_id_{i}>"), 0.0)));
-    let find = |t: &str, key: &str| {
-        vocab.iter().position(|(p, _)| p == t).ok_or_else(|| {
-            bad(key, format!("`{t}` is not a piece of the model (nor a sentinel)"))
-        })
+    vocab.extend(
+        (0..spec.extra_ids)
+            .rev()
+            .map(|i| (format!("<extra_id_{i}>"), 0.0)),
+    );
+    let find = |t: &Named, key: &str| {
+        vocab
+            .iter()
+            .position(|(p, _)| *p == t.token)
+            .ok_or_else(|| {
+                let msg = format!(
+                    "`{}` is neither a piece of {} nor a sentinel",
+                    t.token,
+                    path.display()
+                );
+                match &t.from {
+                    Some(f) => Error::config(f, key, msg),
+                    None => bad(key, format!("the default {msg}")),
+                }
+            })
     };
     let unk_id = find(&spec.unk, "unk_token")?;
     let eos_id = find(&spec.eos, "eos_token")?;
@@ -358,13 +401,17 @@ fn build_t5_tokenizer(sp: &SentencePieceModel, path: &Path, spec: &T5Specials) -
         WhitespaceSplit.into(),
         Metaspace::new('▁', PrependScheme::Always, true).into(),
     ])));
-    tok.with_decoder(Some(MetaspaceDecoder::new('▁', PrependScheme::Always, true)));
+    tok.with_decoder(Some(MetaspaceDecoder::new(
+        '▁',
+        PrependScheme::Always,
+        true,
+    )));
     let eos_id = u32::try_from(eos_id).map_err(|_| bad("eos_token", "id too large".into()))?;
     let post = TemplateProcessing::builder()
-        .try_single(format!("$A {}", spec.eos))
-        .and_then(|b| b.try_pair(format!("$A {} $B {}", spec.eos, spec.eos)))
+        .try_single(format!("$A {}", spec.eos.token))
+        .and_then(|b| b.try_pair(format!("$A {} $B {}", spec.eos.token, spec.eos.token)))
         .map_err(|e| bad("eos_token", format!("cannot build the post-processor: {e}")))?
-        .special_tokens(vec![(spec.eos.clone(), eos_id)])
+        .special_tokens(vec![(spec.eos.token.clone(), eos_id)])
         .build()
         .map_err(|e| bad("eos_token", format!("cannot build the post-processor: {e}")))?;
     tok.with_post_processor(Some(post));
@@ -380,7 +427,7 @@ fn build_t5_tokenizer(sp: &SentencePieceModel, path: &Path, spec: &T5Specials) -
         push(&p.piece);
     }
     for t in [&spec.eos, &spec.unk, &spec.pad] {
-        push(t);
+        push(&t.token);
     }
     for i in 0..spec.extra_ids {
         push(&format!("<extra_id_{i}>"));
@@ -397,13 +444,16 @@ fn build_t5_tokenizer(sp: &SentencePieceModel, path: &Path, spec: &T5Specials) -
         .map(|p| AddedToken::from(p.piece.clone(), false).normalized(false))
         .collect();
     if !user.is_empty() {
-        tok.add_tokens(user).map_err(|e| bad("pieces", e.to_string()))?;
+        tok.add_tokens(user)
+            .map_err(|e| bad("pieces", e.to_string()))?;
     }
     Ok(tok)
 }
 
 /// A JSON file as an object, or `None` when the file does not exist.
-fn read_json_object(path: &Path) -> Result<Option<(PathBuf, serde_json::Map<String, serde_json::Value>)>> {
+fn read_json_object(
+    path: &Path,
+) -> Result<Option<(PathBuf, serde_json::Map<String, serde_json::Value>)>> {
     if !path.exists() {
         return Ok(None);
     }
@@ -435,7 +485,10 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 fn token_value(v: &serde_json::Value) -> Option<String> {
     match v {
         serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        serde_json::Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }

@@ -59,7 +59,12 @@ pub fn shapes_clip(width: u32, height: u32, frames: usize, fps: f32, variant: us
             f
         })
         .collect();
-    Video { width, height, fps, frames }
+    Video {
+        width,
+        height,
+        fps,
+        frames,
+    }
 }
 
 /// A smooth gradient clip with many colours (> 256 per frame) and slow motion.
@@ -78,7 +83,12 @@ pub fn gradient_clip(width: u32, height: u32, frames: usize, fps: f32) -> Video 
             f
         })
         .collect();
-    Video { width, height, fps, frames }
+    Video {
+        width,
+        height,
+        fps,
+        frames,
+    }
 }
 
 /// A fresh empty directory under the target dir for one test.
