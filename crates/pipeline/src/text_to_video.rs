@@ -208,7 +208,7 @@ impl CogVideoXPipeline {
             req.height.unwrap_or(dh),
             req.width.unwrap_or(dw),
         );
-        let tc = self.vae.config().temporal_compression_ratio;
+        let tc = (self.vae.config().temporal_compression_ratio as usize).max(1);
         if f == 0 || (f - 1) % tc != 0 {
             return Err(Error::invalid(
                 "num_frames",
@@ -283,11 +283,11 @@ impl CogVideoXPipeline {
     }
 
     fn prompt_embeds(&mut self, p: &PromptInput, what: &str) -> Result<Tensor> {
-        let t = self.transformer.config();
         let e = match p {
             PromptInput::Text(s) => self.encode_text(&[s.as_str()])?,
             PromptInput::Embeds(e) => e.clone(),
         };
+        let t = self.transformer.config();
         let dims = e.dims();
         if dims.len() != 3 || dims[2] != t.text_embed_dim {
             return Err(Error::invalid(
@@ -358,7 +358,7 @@ impl CogVideoXPipeline {
 
         // 3. Latents [B, F_lat, C, h, w]; CogVideoX 1.5 pads F_lat to a multiple of patch_size_t.
         let tcfg = self.transformer.config().clone();
-        let tc = self.vae.config().temporal_compression_ratio;
+        let tc = (self.vae.config().temporal_compression_ratio as usize).max(1);
         let s = vae_scale_spatial(&self.vae);
         let mut latent_frames = (num_frames - 1) / tc + 1;
         let mut additional_frames = 0;

@@ -162,3 +162,23 @@ fn one_frame_gif() {
     assert_eq!(psnr(&back.frames[0], &clip.frames[0]), f64::INFINITY);
     assert_eq!(back.fps, 1.0);
 }
+
+#[test]
+fn frames_with_their_own_256_colours_use_local_palettes_and_stay_exact() {
+    // 400 distinct colours over the clip, 200 in each frame: no global palette fits, but each
+    // frame's own does.
+    let frame = |base: u8| -> Vec<u8> {
+        (0..200u32)
+            .flat_map(|i| [base, (i % 256) as u8, (i / 2) as u8])
+            .collect()
+    };
+    let clip = Video {
+        width: 20,
+        height: 10,
+        fps: 5.0,
+        frames: vec![frame(3), frame(250)],
+    };
+    let p = scratch("gif_local").join("local.gif");
+    write_video(&p, &clip).unwrap();
+    assert_eq!(read_video(&p).unwrap(), clip);
+}

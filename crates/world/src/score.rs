@@ -455,11 +455,12 @@ fn recover_background(frames: &[Vec<u8>], pixels: usize) -> Background {
             for (k, f) in frames.iter().enumerate() {
                 buf[k] = f[p * 3 + c];
             }
-            buf.sort_unstable();
+            let (lower, &mut upper, _) = buf.select_nth_unstable(n / 2);
             *m = if n % 2 == 1 {
-                buf[n / 2] as f32
+                upper as f32
             } else {
-                0.5 * (buf[n / 2 - 1] as f32 + buf[n / 2] as f32)
+                // The lower middle is the largest value below the upper one.
+                0.5 * (lower.iter().copied().max().unwrap_or(upper) as f32 + upper as f32)
             };
         }
         let best = (0..4).min_by(|&a, &b| dist2(med, bgs[a]).total_cmp(&dist2(med, bgs[b]))).unwrap_or(0);

@@ -12,8 +12,8 @@
 //! moving object; an object the split does not admit is redrawn; the second object of a scene
 //! has a colour different from the first (so the scorer's per-colour tracks identify objects)
 //! and is redrawn until its grown bounding box never meets the first's over the clip; start
-//! positions are uniform over the positions whose whole path stays inside the frame; a `val-comp`
-//! scene without a held-out object is redrawn whole.
+//! positions are uniform (to six decimals) over the positions whose whole path stays inside the
+//! frame; a `val-comp` scene without a held-out object is redrawn whole.
 
 use crate::scene::{
     Background, Colour, Motion, Object, Scene, Shape, Size, Speed, DEFAULT_DURATION,
@@ -182,7 +182,11 @@ fn sample_object<R: Rng + ?Sized>(split: Split, duration: f64, rng: &mut R) -> O
     }
 }
 
-/// `o` with a start position drawn uniformly among those keeping the whole path in the frame.
+/// Start positions are multiples of 1 / POSITION_SCALE.
+const POSITION_SCALE: f64 = 1e6;
+
+/// `o` with a start position drawn uniformly among those keeping the whole path in the frame
+/// (to six decimals).
 fn place<R: Rng + ?Sized>(mut o: Object, duration: f64, rng: &mut R) -> Object {
     let r = o.size.radius();
     let (vx, vy) = o.velocity();
@@ -191,10 +195,16 @@ fn place<R: Rng + ?Sized>(mut o: Object, duration: f64, rng: &mut R) -> Object {
         let lo = r - travel.min(0.0);
         let hi = 1.0 - r - travel.max(0.0);
         // Feasible for every kind at duration <= MAX_DURATION; guard rounding anyway.
-        if hi > lo {
-            rng.random_range(lo..hi)
+        let v = if hi > lo { rng.random_range(lo..hi) } else { 0.5 * (lo + hi) };
+        // Six decimals, rounded inwards: `captions.jsonl` then carries the exact value (a short
+        // decimal parses back to the same f64), so independent renderers agree to the bit.
+        let q = (v * POSITION_SCALE).round() / POSITION_SCALE;
+        if q < lo {
+            (lo * POSITION_SCALE).ceil() / POSITION_SCALE
+        } else if q > hi {
+            (hi * POSITION_SCALE).floor() / POSITION_SCALE
         } else {
-            0.5 * (lo + hi)
+            q
         }
     };
     o.x0 = axis(vx);

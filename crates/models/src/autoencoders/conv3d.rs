@@ -1,30 +1,36 @@
 //! 3D (and per-frame 2D) convolution on channels-last [`Video`]s, for CPU f32.
 //!
 //! candle has no conv3d. Summing conv2d over the temporal taps is exact but slow, and im2col of a
-//! 240x360 frame at 256 channels costs gigabytes. This kernel instead:
-//! - works on output **row bands** in parallel (rayon). A band task walks through time and keeps a
-//!   ring of `kt` zero-padded input bands (`rows + kh - 1` rows of `W + pads` positions, channels
-//!   last), so each input frame band is built once and used by the `kt` output frames that need it;
-//! - builds each input band through a fused **input transform** ([`Pre`]: GroupNorm affine,
-//!   CogVideoX's spatial norm, SiLU) and an optional **nearest-upsampling index map**
-//!   ([`UpMaps`]), so neither the normalised nor the upsampled tensor is ever materialised;
-//! - needs **no im2col**: with channels last and the output computed over the padded width, the
-//!   `kw` horizontal taps of one `(kt, kh)` tap pair are `kw * Cin` consecutive floats of the band,
-//!   so each tap pair is one GEMM `[M, kw*Cin] x [kw*Cin, Cout]` whose left operand is the band
-//!   itself read with a row stride of `Cin` (rows overlap). `kt * kh` GEMMs accumulate into a
-//!   bias-initialised tile that stays in cache; the garbage columns of the padded width are dropped.
+//! 240x360 frame at 256 channels costs gigabytes. This module instead works on output **row
+//! bands** in parallel (rayon). A band task walks through time and keeps a ring of `kt` input
+//! bands, so each input frame band is prepared once and used by the `kt` output frames that need
+//! it. The input bands are built through a fused **input transform** ([`Pre`]: GroupNorm affine,
+//! CogVideoX's spatial norm, SiLU) and an optional **nearest-upsampling index map** ([`UpMaps`]),
+//! so neither the normalised nor the upsampled tensor is ever materialised. Two kernels:
 //!
-//! Memory stays bounded: per task, `kt` bands plus one output tile (a few MB at real widths).
+//! - **Winograd F(2x2, 3x3)** for every 3x3 stride-1 convolution with padding 1 (all of the
+//!   VAE's 3x3x3 causal convs and its upsampling convs): each band is cut into 2x2 output tiles;
+//!   the 4x4 input tiles are transformed (`B^T d B`, additions only), then for each of the 16
+//!   transform positions and each temporal tap one GEMM `[tiles, Cin] x [Cin, Cout]` accumulates,
+//!   and the output transform (`A^T m A`) gives the 2x2 outputs: 16 * 3 multiply-adds per 2x2
+//!   outputs and input channel instead of 27 * 4, i.e. 2.25x fewer FLOPs. The transform constants
+//!   are 0, +-1 and +-1/2, so the result stays within a few ulp of a direct convolution.
+//! - **Direct** for the rest (the encoder's stride-2 downsampling): no im2col; with channels last
+//!   the `kw` horizontal taps of one `(kt, kh)` pair are `kw * Cin` consecutive floats of the
+//!   padded band, so each tap pair is one GEMM whose left operand is the band itself read with a
+//!   row stride of `s * Cin` (rows overlap).
+//!
+//! Memory stays bounded: per task, `kt` input bands plus one accumulator tile (a few MB at real
+//! widths), and the output.
 
 use super::video::{silu, Video};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-/// Rows of a GEMM tile we aim for (M), trading band overhead against working-set size.
-const TARGET_M: usize = 2048;
+/// GEMM rows (M) a band aims for.
+const TARGET_M: usize = 512;
 
-/// Convolution weights repacked for the kernel: `w[((dt*kh + dy)*kw*cin + dx*cin + ci)*cout + co]`,
-/// i.e. one `[kw*cin, cout]` matrix per `(dt, dy)` tap pair.
+/// Convolution weights in PyTorch's layout `[Cout, Cin, kt, kh, kw]` (row-major) and bias.
 #[derive(Clone, Debug)]
 pub struct ConvWeights {
     pub cout: usize,
@@ -47,27 +53,13 @@ impl ConvWeights {
         };
         assert_eq!(weight.len(), cout * cin * kt * kh * kw);
         assert_eq!(bias.len(), cout);
-        let mut w = vec![0f32; weight.len()];
-        for co in 0..cout {
-            for ci in 0..cin {
-                for dt in 0..kt {
-                    for dy in 0..kh {
-                        for dx in 0..kw {
-                            let src = (((co * cin + ci) * kt + dt) * kh + dy) * kw + dx;
-                            let dst = (((dt * kh + dy) * kw + dx) * cin + ci) * cout + co;
-                            w[dst] = weight[src];
-                        }
-                    }
-                }
-            }
-        }
         Self {
             cout,
             cin,
             kt,
             kh,
             kw,
-            w,
+            w: weight.to_vec(),
             bias,
         }
     }
@@ -79,10 +71,64 @@ impl ConvWeights {
         Ok(Self::from_torch(&w, &dims, to_f32_vec(bias)?))
     }
 
-    fn tap(&self, dt: usize, dy: usize) -> &[f32] {
-        let n = self.kw * self.cin * self.cout;
-        &self.w[(dt * self.kh + dy) * n..][..n]
+    /// The direct kernel's layout: one `[kw*cin, cout]` matrix per `(dt, dy)` tap pair,
+    /// `p[((dt*kh + dy)*kw*cin + dx*cin + ci)*cout + co]`.
+    fn packed_direct(&self) -> Vec<f32> {
+        let (cout, cin, kt, kh, kw) = (self.cout, self.cin, self.kt, self.kh, self.kw);
+        let mut p = vec![0f32; self.w.len()];
+        let taps = kt * kh * kw;
+        p.par_chunks_mut(cin * cout)
+            .enumerate()
+            .for_each(|(tap, blk)| {
+                for ci in 0..cin {
+                    for co in 0..cout {
+                        blk[ci * cout + co] = self.w[(co * cin + ci) * taps + tap];
+                    }
+                }
+            });
+        p
     }
+
+    /// The Winograd F(2x2, 3x3) kernel transform `U = G g G^T` of every 3x3 slice, laid out as
+    /// one `[cin, cout]` matrix per `(dt, xi)`: `u[((dt*16 + xi)*cin + ci)*cout + co]`.
+    /// Computed in f64 and rounded once.
+    fn winograd_u(&self) -> Vec<f32> {
+        let (cout, cin, kt) = (self.cout, self.cin, self.kt);
+        assert_eq!((self.kh, self.kw), (3, 3), "winograd: 3x3 kernels only");
+        let mut u = vec![0f32; kt * 16 * cin * cout];
+        // One task per (dt, xi-block of 16 matrices): chunk = [16][cin][cout] for one dt.
+        u.par_chunks_mut(cin * cout)
+            .enumerate()
+            .for_each(|(blk, m)| {
+                let (dt, xi) = (blk / 16, blk % 16);
+                let (a, b) = (xi / 4, xi % 4);
+                for co in 0..cout {
+                    for ci in 0..cin {
+                        let g = &self.w[((co * cin + ci) * kt + dt) * 9..][..9];
+                        m[ci * cout + co] = winograd_g(g, a, b) as f32;
+                    }
+                }
+            });
+        u
+    }
+}
+
+/// Entry `(a, b)` of `G g G^T` for one 3x3 `g`, with `G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]`.
+#[inline]
+fn winograd_g(g: &[f32], a: usize, b: usize) -> f64 {
+    const G: [[f64; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+    let mut s = 0.0;
+    for i in 0..3 {
+        for j in 0..3 {
+            s += G[a][i] * g[i * 3 + j] as f64 * G[b][j];
+        }
+    }
+    s
 }
 
 pub(crate) fn to_f32_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -276,6 +322,7 @@ impl Geom {
 }
 
 /// Where virtual (front-padded) frame `v` comes from.
+#[derive(Clone, Copy)]
 enum Frame<'a> {
     Cached(&'a [f32]),
     Source(usize),
@@ -327,32 +374,52 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
-    /// (A method, so closures capture the whole `Sync` wrapper, not the raw field.)
-    fn get(self) -> *mut f32 {
-        self.0
+    /// Copies `src` to element offset `off`. Callers guarantee that `off..off + src.len()` is in
+    /// bounds and written by no other task.
+    fn write(self, off: usize, src: &[f32]) {
+        // SAFETY: see above; `src` is a separate allocation of the calling task.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(off), src.len());
+        }
     }
 }
 
-/// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]` with row strides `lhs_rs`, `rhs_rs`, `dst_rs`
-/// (column strides 1), single-threaded (callers parallelise over tiles).
-fn gemm_acc(
+/// A GEMM operand: a slice and its (row, column) strides in elements.
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+/// `dst[m, n] = (read_dst ? dst : 0) + lhs[m, k] * rhs[k, n]`; `dst` has row stride `dst_rs`
+/// and column stride 1. Single-threaded (callers parallelise over bands).
+fn gemm(
     m: usize,
     n: usize,
     k: usize,
     dst: &mut [f32],
     dst_rs: usize,
-    lhs: &[f32],
-    lhs_rs: usize,
-    rhs: &[f32],
-    rhs_rs: usize,
+    read_dst: bool,
+    lhs: Mat,
+    rhs: Mat,
 ) {
     assert!(m > 0 && n > 0 && k > 0);
-    assert!(dst.len() >= (m - 1) * dst_rs + n, "gemm: dst too short");
-    assert!(lhs.len() >= (m - 1) * lhs_rs + k, "gemm: lhs too short");
-    assert!(rhs.len() >= (k - 1) * rhs_rs + n, "gemm: rhs too short");
+    assert!(
+        dst.len() > (m - 1) * dst_rs + (n - 1),
+        "gemm: dst too short"
+    );
+    assert!(
+        lhs.data.len() > (m - 1) * lhs.rs + (k - 1) * lhs.cs,
+        "gemm: lhs too short"
+    );
+    assert!(
+        rhs.data.len() > (k - 1) * rhs.rs + (n - 1) * rhs.cs,
+        "gemm: rhs too short"
+    );
     // SAFETY: the asserts above bound every element the GEMM reads or writes (row r, column c at
-    // r * rs + c) inside the three slices; `dst` is exclusively borrowed and does not alias the
-    // shared `lhs` / `rhs`.
+    // r * rs + c * cs) inside the three slices; `dst` is exclusively borrowed and so does not
+    // alias the shared `lhs` / `rhs`.
     #[allow(unsafe_code)]
     unsafe {
         gemm::gemm(
@@ -362,13 +429,13 @@ fn gemm_acc(
             dst.as_mut_ptr(),
             1,
             dst_rs as isize,
-            true,
-            lhs.as_ptr(),
-            1,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            1,
-            rhs_rs as isize,
+            read_dst,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
             1.0f32,
             1.0f32,
             false,
@@ -379,44 +446,120 @@ fn gemm_acc(
     }
 }
 
-/// Convolution of `front ++ src` (along time) with `wt`, stride 1 in time, `g` in space.
-/// With `front` = [`Front::None`] and `kt = 1` this is a per-frame Conv2d.
-pub fn conv(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Video {
+/// Splits `rows` output rows (or tile rows) into bands of about `target` rows, with the band
+/// count a multiple of the thread count so that the tasks balance.
+fn plan_bands(rows: usize, target: usize) -> (usize, usize) {
+    let threads = rayon::current_num_threads().max(1);
+    let nb = rows.div_ceil(target.max(1)).max(1);
+    let nb = nb.div_ceil(threads) * threads;
+    let per = rows.div_ceil(nb).max(1);
+    (per, rows.div_ceil(per))
+}
+
+/// Sizes shared by both kernels.
+struct Plan {
+    t_out: usize,
+    tv: usize,
+    nfront: usize,
+    h: usize,
+    w: usize,
+    h_out: usize,
+    w_out: usize,
+}
+
+fn plan(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Plan {
     let (t_in, h, w) = src.dims();
-    let (cin, cout, kt, kh, kw, s) = (wt.cin, wt.cout, wt.kt, wt.kh, wt.kw, g.stride);
-    assert_eq!(src.x.c, cin, "conv: input channels");
+    assert_eq!(src.x.c, wt.cin, "conv: input channels");
     let nfront = match front {
         Front::None => 0,
-        _ => kt - 1,
+        _ => wt.kt - 1,
     };
     if let Front::Cache(c) = front {
         assert_eq!(
             (c.t, c.h, c.w, c.c),
-            (nfront, h, w, cin),
+            (nfront, h, w, wt.cin),
             "conv: cache shape"
         );
     }
     let tv = t_in + nfront;
-    assert!(tv >= kt, "conv: {tv} frames for a temporal kernel of {kt}");
-    let t_out = tv - kt + 1;
+    assert!(
+        tv >= wt.kt,
+        "conv: {tv} frames for a temporal kernel of {}",
+        wt.kt
+    );
     let hp = h + g.pad_top + g.pad_bottom;
     let wp = w + g.pad_left + g.pad_right;
-    assert!(hp >= kh && wp >= kw, "conv: input smaller than kernel");
-    let h_out = (hp - kh) / s + 1;
-    let w_out = (wp - kw) / s + 1;
+    assert!(
+        hp >= wt.kh && wp >= wt.kw,
+        "conv: input smaller than kernel"
+    );
+    Plan {
+        t_out: tv - wt.kt + 1,
+        tv,
+        nfront,
+        h,
+        w,
+        h_out: (hp - wt.kh) / g.stride + 1,
+        w_out: (wp - wt.kw) / g.stride + 1,
+    }
+}
 
-    let rows = if s == 1 {
+/// Fills padded band rows `y0 .. y0 + nrows` (input coordinates, may be out of range: those stay
+/// zero) of virtual frame `frame` into `slot` (`nrows` rows of `wp` positions, data starting at
+/// column `left`).
+fn fill_band(
+    src: &Source,
+    frame: Frame,
+    p: &Plan,
+    y0: isize,
+    nrows: usize,
+    wp: usize,
+    left: usize,
+    slot: &mut [f32],
+) {
+    let cin = src.x.c;
+    let w = p.w;
+    for ri in 0..nrows {
+        let y = y0 + ri as isize;
+        if y < 0 || y >= p.h as isize {
+            continue; // zero padding rows stay zero
+        }
+        let y = y as usize;
+        let dst = &mut slot[(ri * wp + left) * cin..][..w * cin];
+        match frame {
+            Frame::Cached(f) => dst.copy_from_slice(&f[y * w * cin..(y + 1) * w * cin]),
+            Frame::Source(t) => src.fill_row(t, y, dst),
+        }
+    }
+}
+
+/// Convolution of `front ++ src` (along time) with `wt`, stride 1 in time, `g` in space.
+/// With `front` = [`Front::None`] and `kt = 1` this is a per-frame Conv2d. 3x3 stride-1 convs
+/// with padding 1 use the Winograd kernel, others the direct one.
+pub fn conv(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Video {
+    let pads = (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right);
+    if (wt.kh, wt.kw, g.stride, pads) == (3, 3, 1, (1, 1, 1, 1)) {
+        conv_winograd(src, front, wt)
+    } else {
+        conv_direct(src, front, wt, g)
+    }
+}
+
+/// The direct kernel (any kernel size, stride and padding).
+pub fn conv_direct(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Video {
+    let p = plan(src, front, wt, g);
+    let (cin, cout, kt, kh, kw, s) = (wt.cin, wt.cout, wt.kt, wt.kh, wt.kw, g.stride);
+    let (h_out, w_out) = (p.h_out, p.w_out);
+    let wp = p.w + g.pad_left + g.pad_right;
+    let packed = wt.packed_direct();
+    let target = if s == 1 {
         TARGET_M.div_ceil(wp)
     } else {
         TARGET_M.div_ceil(w_out)
-    }
-    .clamp(1, h_out);
-    // Prefer at least two bands per thread when the image is tall enough.
-    let want_tasks = 2 * rayon::current_num_threads();
-    let rows = rows.min(h_out.div_ceil(want_tasks).max(1));
-    let nbands = h_out.div_ceil(rows);
+    };
+    let (rows, nbands) = plan_bands(h_out, target);
 
-    let mut out = Video::zeros(t_out, h_out, w_out, cout);
+    let mut out = Video::zeros(p.t_out, h_out, w_out, cout);
     let out_ptr = OutPtr(out.data.as_mut_ptr());
     let out_frame = h_out * w_out * cout;
 
@@ -434,21 +577,11 @@ pub fn conv(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Video {
             nr_out * w_out
         };
         let mut tile = vec![0f32; m_tile * cout];
-        for v in 0..tv {
+        for v in 0..p.tv {
             let slot = &mut slots[(v % kt) * slot_len..][..slot_len];
-            let frame = virtual_frame(front, nfront, v);
-            for ri in 0..nr_in {
-                let y = (r0 * s + ri) as isize - g.pad_top as isize;
-                if y < 0 || y >= h as isize {
-                    continue; // stays zero
-                }
-                let y = y as usize;
-                let dst = &mut slot[(ri * wp + g.pad_left) * cin..][..w * cin];
-                match frame {
-                    Frame::Cached(f) => dst.copy_from_slice(&f[y * w * cin..(y + 1) * w * cin]),
-                    Frame::Source(t) => src.fill_row(t, y, dst),
-                }
-            }
+            let frame = virtual_frame(front, p.nfront, v);
+            let y0 = (r0 * s) as isize - g.pad_top as isize;
+            fill_band(src, frame, &p, y0, nr_in, wp, g.pad_left, slot);
             if v + 1 < kt {
                 continue;
             }
@@ -459,15 +592,32 @@ pub fn conv(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Video {
             for dt in 0..kt {
                 let band_in = &slots[((o + dt) % kt) * slot_len..][..slot_len];
                 for dy in 0..kh {
-                    let rhs = wt.tap(dt, dy);
+                    let rhs = Mat {
+                        data: &packed[(dt * kh + dy) * kw * cin * cout..][..kw * cin * cout],
+                        rs: cout,
+                        cs: 1,
+                    };
                     if s == 1 {
-                        let lhs = &band_in[dy * wp * cin..];
-                        gemm_acc(m_tile, cout, kw * cin, &mut tile, cout, lhs, cin, rhs, cout);
+                        let lhs = Mat {
+                            data: &band_in[dy * wp * cin..],
+                            rs: cin,
+                            cs: 1,
+                        };
+                        gemm(m_tile, cout, kw * cin, &mut tile, cout, true, lhs, rhs);
                     } else {
                         for r in 0..nr_out {
-                            let lhs = &band_in[(r * s + dy) * wp * cin..];
+                            let lhs = Mat {
+                                data: &band_in[(r * s + dy) * wp * cin..],
+                                rs: s * cin,
+                                cs: 1,
+                            };
+                            let rhs = Mat {
+                                data: rhs.data,
+                                rs: cout,
+                                cs: 1,
+                            };
                             let dst = &mut tile[r * w_out * cout..][..w_out * cout];
-                            gemm_acc(w_out, cout, kw * cin, dst, cout, lhs, s * cin, rhs, cout);
+                            gemm(w_out, cout, kw * cin, dst, cout, true, lhs, rhs);
                         }
                     }
                 }
@@ -478,24 +628,228 @@ pub fn conv(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Video {
                 } else {
                     r * w_out * cout
                 };
-                let dst_off = o * out_frame + (r0 + r) * w_out * cout;
-                let row = &tile[src_row..src_row + w_out * cout];
-                // SAFETY: rows r0..r0+nr_out of frame o belong to this band task only, and
-                // dst_off + w_out*cout <= out.data.len().
-                #[allow(unsafe_code)]
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        row.as_ptr(),
-                        out_ptr.get().add(dst_off),
-                        row.len(),
-                    );
-                }
+                // rows r0..r0+nr_out of frame o belong to this band task only
+                out_ptr.write(
+                    o * out_frame + (r0 + r) * w_out * cout,
+                    &tile[src_row..src_row + w_out * cout],
+                );
             }
         }
     });
     out
 }
 
+/// Channels processed together by the tile transforms (fixed-size arrays vectorise well).
+const LANES: usize = 8;
+
+/// `B^T d B` of F(2x2, 3x3) on `[f32; N]` lanes; `B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`.
+#[inline(always)]
+fn input_tile_lanes<const N: usize>(x: &[[f32; N]; 16]) -> [[f32; N]; 16] {
+    let mut t = [[0f32; N]; 16];
+    for col in 0..4 {
+        for l in 0..N {
+            let (x0, x1, x2, x3) = (x[col][l], x[4 + col][l], x[8 + col][l], x[12 + col][l]);
+            t[col][l] = x0 - x2;
+            t[4 + col][l] = x1 + x2;
+            t[8 + col][l] = x2 - x1;
+            t[12 + col][l] = x1 - x3;
+        }
+    }
+    let mut v = [[0f32; N]; 16];
+    for r in 0..4 {
+        for l in 0..N {
+            let (t0, t1, t2, t3) = (
+                t[4 * r][l],
+                t[4 * r + 1][l],
+                t[4 * r + 2][l],
+                t[4 * r + 3][l],
+            );
+            v[4 * r][l] = t0 - t2;
+            v[4 * r + 1][l] = t1 + t2;
+            v[4 * r + 2][l] = t2 - t1;
+            v[4 * r + 3][l] = t1 - t3;
+        }
+    }
+    v
+}
+
+/// Input transform of one 4x4 tile: `d[k]` is input position `(k / 4, k % 4)` (all channels),
+/// transform position `xi` goes to `v[xi * stride ..][..n]`.
+#[inline(always)]
+fn input_tile(d: &[&[f32]; 16], v: &mut [f32], stride: usize, n: usize) {
+    let mut c = 0;
+    while c + LANES <= n {
+        let x: [[f32; LANES]; 16] =
+            std::array::from_fn(|k| d[k][c..c + LANES].try_into().expect("lanes"));
+        let r = input_tile_lanes(&x);
+        for (xi, rv) in r.iter().enumerate() {
+            v[xi * stride + c..][..LANES].copy_from_slice(rv);
+        }
+        c += LANES;
+    }
+    for c in c..n {
+        let x: [[f32; 1]; 16] = std::array::from_fn(|k| [d[k][c]]);
+        let r = input_tile_lanes(&x);
+        for (xi, rv) in r.iter().enumerate() {
+            v[xi * stride + c] = rv[0];
+        }
+    }
+}
+
+/// `A^T m A + bias` of F(2x2, 3x3) on lanes; `A^T = [[1,1,1,0],[0,1,-1,-1]]`; returns the 2x2
+/// outputs as `[y00, y01, y10, y11]`.
+#[inline(always)]
+fn output_tile_lanes<const N: usize>(m: &[[f32; N]; 16], bias: &[f32; N]) -> [[f32; N]; 4] {
+    let mut y = [[0f32; N]; 4];
+    for l in 0..N {
+        let mut s = [[0f32; 4]; 2];
+        for b in 0..4 {
+            let (m0, m1, m2, m3) = (m[b][l], m[4 + b][l], m[8 + b][l], m[12 + b][l]);
+            s[0][b] = m0 + m1 + m2;
+            s[1][b] = m1 - m2 - m3;
+        }
+        for a in 0..2 {
+            y[2 * a][l] = s[a][0] + s[a][1] + s[a][2] + bias[l];
+            y[2 * a + 1][l] = s[a][1] - s[a][2] - s[a][3] + bias[l];
+        }
+    }
+    y
+}
+
+/// Output transform of one tile: transform position `xi` at `acc[xi * stride ..][..n]`, the 2x2
+/// outputs go to `out[k][..n]` (k = 2 * row + column).
+#[inline(always)]
+fn output_tile(acc: &[f32], stride: usize, bias: &[f32], out: &mut [&mut [f32]; 4], n: usize) {
+    let mut c = 0;
+    while c + LANES <= n {
+        let m: [[f32; LANES]; 16] =
+            std::array::from_fn(|xi| acc[xi * stride + c..][..LANES].try_into().expect("lanes"));
+        let b: [f32; LANES] = bias[c..c + LANES].try_into().expect("lanes");
+        let y = output_tile_lanes(&m, &b);
+        for (o, yv) in out.iter_mut().zip(&y) {
+            o[c..c + LANES].copy_from_slice(yv);
+        }
+        c += LANES;
+    }
+    for c in c..n {
+        let m: [[f32; 1]; 16] = std::array::from_fn(|xi| [acc[xi * stride + c]]);
+        let y = output_tile_lanes(&m, &[bias[c]]);
+        for (o, yv) in out.iter_mut().zip(&y) {
+            o[c] = yv[0];
+        }
+    }
+}
+
+/// The Winograd F(2x2, 3x3) kernel (3x3 spatial taps, stride 1, zero padding 1, any `kt`).
+pub fn conv_winograd(src: &Source, front: &Front, wt: &ConvWeights) -> Video {
+    let p = plan(src, front, wt, Geom::same(1));
+    let (cin, cout, kt) = (wt.cin, wt.cout, wt.kt);
+    let (h, w) = (p.h, p.w);
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    // padded band width: one zero column left, tiles cover 2*tw columns, plus the right halo
+    let wp = 2 * tw + 2;
+    let u = wt.winograd_u();
+    let (trows, nbands) = plan_bands(th, TARGET_M.div_ceil(tw));
+
+    let mut out = Video::zeros(p.t_out, h, w, cout);
+    let out_ptr = OutPtr(out.data.as_mut_ptr());
+    let out_frame = h * w * cout;
+
+    (0..nbands).into_par_iter().for_each(|band| {
+        let tr0 = band * trows;
+        let nt_rows = trows.min(th - tr0);
+        let m = nt_rows * tw; // tiles in this band = GEMM rows
+        let nr_in = 2 * nt_rows + 2;
+        let mut padded = vec![0f32; nr_in * wp * cin];
+        let vlen = 16 * m * cin;
+        let mut vslots = vec![0f32; kt * vlen];
+        let mut acc = vec![0f32; 16 * m * cout];
+        let mut orow = vec![0f32; 2 * 2 * tw * cout];
+        for v in 0..p.tv {
+            let frame = virtual_frame(front, p.nfront, v);
+            fill_band(
+                src,
+                frame,
+                &p,
+                2 * tr0 as isize - 1,
+                nr_in,
+                wp,
+                1,
+                &mut padded,
+            );
+            // input transform into slot v % kt, layout [xi][tile][cin]
+            let vs = &mut vslots[(v % kt) * vlen..][..vlen];
+            for i in 0..nt_rows {
+                for j in 0..tw {
+                    let tile = i * tw + j;
+                    let d: [&[f32]; 16] = std::array::from_fn(|k| {
+                        &padded[((2 * i + k / 4) * wp + 2 * j + k % 4) * cin..][..cin]
+                    });
+                    input_tile(&d, &mut vs[tile * cin..], m * cin, cin);
+                }
+            }
+            if v + 1 < kt {
+                continue;
+            }
+            let o = v + 1 - kt;
+            // 16 GEMMs (one per transform position), each accumulating the kt temporal taps
+            for xi in 0..16 {
+                let dst = &mut acc[xi * m * cout..][..m * cout];
+                for dt in 0..kt {
+                    let vin = &vslots[((o + dt) % kt) * vlen + xi * m * cin..][..m * cin];
+                    let uk = &u[(dt * 16 + xi) * cin * cout..][..cin * cout];
+                    gemm(
+                        m,
+                        cout,
+                        cin,
+                        dst,
+                        cout,
+                        dt > 0,
+                        Mat {
+                            data: vin,
+                            rs: cin,
+                            cs: 1,
+                        },
+                        Mat {
+                            data: uk,
+                            rs: cout,
+                            cs: 1,
+                        },
+                    );
+                }
+            }
+            // output transform + bias, one tile row (two output rows) at a time
+            for i in 0..nt_rows {
+                let y0 = 2 * (tr0 + i);
+                let (row0, row1) = orow.split_at_mut(2 * tw * cout);
+                for (j, (o0, o1)) in row0
+                    .chunks_exact_mut(2 * cout)
+                    .zip(row1.chunks_exact_mut(2 * cout))
+                    .enumerate()
+                {
+                    let (y00, y01) = o0.split_at_mut(cout);
+                    let (y10, y11) = o1.split_at_mut(cout);
+                    let mut outs = [y00, y01, y10, y11];
+                    output_tile(
+                        &acc[(i * tw + j) * cout..],
+                        m * cout,
+                        &wt.bias,
+                        &mut outs,
+                        cout,
+                    );
+                }
+                for a in 0..2 {
+                    if y0 + a < h {
+                        // rows of this band belong to this task only
+                        let r = &orow[a * 2 * tw * cout..][..w * cout];
+                        out_ptr.write(o * out_frame + (y0 + a) * w * cout, r);
+                    }
+                }
+            }
+        }
+    });
+    out
+}
 /// 1x1x1 convolution: `x[P, cin] * W + bias`; with `acc`, the result is added to `acc` (same
 /// shape as the output) instead of returned in a new buffer.
 pub fn pointwise(x: &Video, wt: &ConvWeights, acc: Option<&mut Video>) -> Option<Video> {
@@ -509,7 +863,26 @@ pub fn pointwise(x: &Video, wt: &ConvWeights, acc: Option<&mut Video>) -> Option
         for px in tile.chunks_exact_mut(cout) {
             px.copy_from_slice(&wt.bias);
         }
-        gemm_acc(m, cout, cin, &mut tile, cout, xs, cin, &wt.w, cout);
+        // W^T as the right operand: element (ci, co) of the torch weight [cout, cin] is at co*cin + ci
+        let rhs = Mat {
+            data: &wt.w,
+            rs: 1,
+            cs: cin,
+        };
+        gemm(
+            m,
+            cout,
+            cin,
+            &mut tile,
+            cout,
+            true,
+            Mat {
+                data: xs,
+                rs: cin,
+                cs: 1,
+            },
+            rhs,
+        );
         if add {
             dst.iter_mut().zip(&tile).for_each(|(d, t)| *d += t);
         } else {
@@ -632,6 +1005,46 @@ mod tests {
                 (want.t, want.h, want.w, want.c)
             );
             assert!(max_diff(&got.data, &want.data) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn winograd_equals_direct_and_naive() {
+        let mut seed = 21;
+        // odd sizes (partial tiles), channel counts off the 8-lane width, kt 3 and 1
+        for &(t, h, w, cin, cout, kt) in &[
+            (3usize, 7usize, 9usize, 13usize, 11usize, 3usize),
+            (2, 1, 1, 8, 16, 3),
+            (2, 6, 5, 17, 9, 1),
+        ] {
+            let x = Video::new(t, h, w, cin, rand_vec(t * h * w * cin, &mut seed));
+            let dims = [cout, cin, kt, 3, 3];
+            let wv = rand_vec(dims.iter().product(), &mut seed);
+            let b = rand_vec(cout, &mut seed);
+            let wt = ConvWeights::from_torch(&wv, &dims, b.clone());
+            let src = Source {
+                x: &x,
+                up: None,
+                pre: &Pre::Identity,
+            };
+            let front = if kt == 3 {
+                Front::ReplicateFirst
+            } else {
+                Front::None
+            };
+            let wino = conv_winograd(&src, &front, &wt);
+            let direct = conv_direct(&src, &front, &wt, Geom::same(1));
+            let want = naive(&x, &wv, dims, &b, Geom::same(1), kt - 1);
+            assert_eq!(
+                (wino.t, wino.h, wino.w, wino.c),
+                (want.t, want.h, want.w, want.c)
+            );
+            assert!(
+                max_diff(&wino.data, &want.data) < 2e-5,
+                "winograd vs naive {}",
+                max_diff(&wino.data, &want.data)
+            );
+            assert!(max_diff(&direct.data, &want.data) < 2e-5, "direct vs naive");
         }
     }
 

@@ -23,7 +23,9 @@ use candle_core::{Result, Tensor, D};
 use rayon::prelude::*;
 
 /// Query rows per task.
-const Q_BLOCK: usize = 64;
+fn q_block() -> usize {
+    std::env::var("VDIT_QBLOCK").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+}
 
 /// Scaled dot-product attention: `q [B, Sq, H·dh]`, `k, v [B, Sk, H·dh]` → `[B, Sq, H·dh]`.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -> Result<Tensor> {
@@ -46,17 +48,18 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -> Res
     {
         let (qv, kv, vv) = (F32View::new(&q)?, F32View::new(&k)?, F32View::new(&v)?);
         let (qs, ks, vs) = (qv.slice(), kv.slice(), vv.slice());
-        let blocks = sq.div_ceil(Q_BLOCK);
+        let qblk = q_block();
+        let blocks = sq.div_ceil(qblk);
         let tasks = b * heads * blocks;
         let optr = SendPtr(out.as_mut_ptr());
         let ds = d as isize;
         (0..tasks).into_par_iter().for_each_init(
-            || (vec![0f32; Q_BLOCK * sk], vec![0f32; Q_BLOCK]),
+            || (vec![0f32; qblk * sk], vec![0f32; qblk]),
             |(scores, sums), task| {
                 let bi = task / (heads * blocks);
                 let h = (task / blocks) % heads;
-                let i0 = (task % blocks) * Q_BLOCK;
-                let rows = Q_BLOCK.min(sq - i0);
+                let i0 = (task % blocks) * qblk;
+                let rows = qblk.min(sq - i0);
                 let q0 = (bi * sq + i0) * d + h * dh;
                 let kv0 = bi * sk * d + h * dh;
                 let o = optr;

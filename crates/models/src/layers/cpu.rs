@@ -4,7 +4,7 @@
 //!
 //! The element-wise loops are written so that LLVM vectorises them (fixed-width lane arrays,
 //! selects instead of branches, no libm calls); on x86-64 they are compiled a second time with
-//! AVX2 + FMA enabled and chosen at run time, since the default target is plain SSE2.
+//! AVX-512 or AVX2 (+ FMA) enabled and chosen at run time, since the default target is SSE2.
 //!
 //! These kernels do not record gradients. Training will need the differentiable candle forms
 //! (matmul + `ops::softmax` + matmul, `layer_norm_slow`, ...), see each caller's fallback path.
@@ -126,38 +126,68 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// clamped to [-87, 88], so very negative inputs give ~1e-38 rather than 0.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
+    exp_f32_impl::<false>(x)
+}
+
+/// `a·b + c`, fused when `FMA` (only instantiate with `FMA = true` inside code compiled with
+/// the `fma` target feature, else it becomes a slow libm call).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+fn exp_f32_impl<const FMA: bool>(x: f32) -> f32 {
     let x = if x > EXP_HI { EXP_HI } else { x };
     let x = if x < EXP_LO { EXP_LO } else { x };
-    let t = x * LOG2E + ROUND_MAGIC;
+    let t = madd::<FMA>(x, LOG2E, ROUND_MAGIC);
     let n = t - ROUND_MAGIC;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let r = madd::<FMA>(n, -LN2_LO, madd::<FMA>(n, -LN2_HI, x));
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let e = p * r * r + r + 1.0;
+    p = madd::<FMA>(p, r, 1.398_199_9e-3);
+    p = madd::<FMA>(p, r, 8.333_452e-3);
+    p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    p = madd::<FMA>(p, r, 1.666_666_5e-1);
+    p = madd::<FMA>(p, r, 5.000_000_1e-1);
+    let e = madd::<FMA>(p * r, r, r) + 1.0;
     let ni = (t.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
     let scale = f32::from_bits(((ni + 127) << 23) as u32);
     e * scale
 }
 
-/// Runs `$body` compiled for AVX2+FMA when the CPU has them, else for the base target.
+/// Calls `$generic::<true>` compiled for AVX-512 or AVX2 (+FMA) when the CPU has them, else
+/// `$generic::<false>` for the base target.
 macro_rules! simd_dispatch {
-    ($avx:ident, $generic:ident, ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {{
+    ($generic:ident, ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {{
         #[cfg(target_arch = "x86_64")]
         {
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                $generic::<true>($($arg),*)
+            }
             #[target_feature(enable = "avx2,fma")]
-            unsafe fn $avx($($arg: $ty),*) $(-> $ret)? {
-                $generic($($arg),*)
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                $generic::<true>($($arg),*)
+            }
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+            {
+                // SAFETY: the CPU supports these features (checked just above; AVX-512 implies
+                // AVX2 and FMA).
+                return unsafe { avx512($($arg),*) };
             }
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                 // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                return unsafe { $avx($($arg),*) };
+                return unsafe { avx2($($arg),*) };
             }
         }
-        $generic($($arg),*)
+        $generic::<false>($($arg),*)
     }};
 }
 
@@ -215,21 +245,21 @@ fn row_sq_dev(xs: &[f32], mean: f32) -> f32 {
 /// but writes each row's sum into `sums` (normalisation is left to the caller, who can apply it
 /// to the much smaller attention output).
 #[inline(always)]
-fn softmax_unnormalised_generic(x: &mut [f32], cols: usize, scale: f32, sums: &mut [f32]) {
+fn softmax_unnormalised_generic<const FMA: bool>(x: &mut [f32], cols: usize, scale: f32, sums: &mut [f32]) {
     for (row, sum) in x.chunks_exact_mut(cols).zip(sums.iter_mut()) {
-        let shift = row_max(row) * scale;
+        let shift = -row_max(row) * scale;
         let mut acc = [0f32; LANES];
         let mut chunks = row.chunks_exact_mut(LANES);
         for c in &mut chunks {
             for i in 0..LANES {
-                let e = exp_f32(c[i] * scale - shift);
+                let e = exp_f32_impl::<FMA>(madd::<FMA>(c[i], scale, shift));
                 c[i] = e;
                 acc[i] += e;
             }
         }
         let mut s: f32 = acc.iter().sum();
         for v in chunks.into_remainder() {
-            let e = exp_f32(*v * scale - shift);
+            let e = exp_f32_impl::<FMA>(madd::<FMA>(*v, scale, shift));
             *v = e;
             s += e;
         }
@@ -237,9 +267,10 @@ fn softmax_unnormalised_generic(x: &mut [f32], cols: usize, scale: f32, sums: &m
     }
 }
 
-/// See [`softmax_unnormalised_generic`].
+/// `x ← exp(scale·x − scale·max_row)` per row of `cols`; row sums into `sums` (see
+/// [`softmax_unnormalised_generic`]).
 pub fn softmax_unnormalised(x: &mut [f32], cols: usize, scale: f32, sums: &mut [f32]) {
-    simd_dispatch!(softmax_avx2, softmax_unnormalised_generic, (x: &mut [f32], cols: usize, scale: f32, sums: &mut [f32]))
+    simd_dispatch!(softmax_unnormalised_generic, (x: &mut [f32], cols: usize, scale: f32, sums: &mut [f32]))
 }
 
 // -------------------------------------------------------------------------------------- GELU
@@ -247,24 +278,27 @@ pub fn softmax_unnormalised(x: &mut [f32], cols: usize, scale: f32, sums: &mut [
 /// GELU, tanh form: `0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))`, computed as the equal
 /// `x / (1 + exp(-2u))`.
 #[inline(always)]
-fn gelu_tanh_generic(x: &mut [f32]) {
+fn gelu_tanh_generic<const FMA: bool>(x: &mut [f32]) {
     const C: f32 = 0.797_884_6; // √(2/π)
+    #[inline(always)]
+    fn g<const FMA: bool>(v: f32) -> f32 {
+        let u = C * madd::<FMA>(0.044_715 * v * v, v, v);
+        v / (1.0 + exp_f32_impl::<FMA>(-2.0 * u))
+    }
     let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for v in c.iter_mut() {
-            let u = C * (*v + 0.044_715 * *v * *v * *v);
-            *v /= 1.0 + exp_f32(-2.0 * u);
+            *v = g::<FMA>(*v);
         }
     }
     for v in chunks.into_remainder() {
-        let u = C * (*v + 0.044_715 * *v * *v * *v);
-        *v /= 1.0 + exp_f32(-2.0 * u);
+        *v = g::<FMA>(*v);
     }
 }
 
 /// In-place GELU (tanh approximation), single-threaded over `x`.
 pub fn gelu_tanh(x: &mut [f32]) {
-    simd_dispatch!(gelu_avx2, gelu_tanh_generic, (x: &mut [f32]))
+    simd_dispatch!(gelu_tanh_generic, (x: &mut [f32]))
 }
 
 // --------------------------------------------------------------------------------- LayerNorm
@@ -280,7 +314,7 @@ pub struct Modulate<'a> {
 /// LayerNorm of each `d`-row of `x` into `out`: `(x − μ)/√(σ² + eps)·w + b`, then the optional
 /// modulation.
 #[inline(always)]
-fn layer_norm_rows_generic(
+fn layer_norm_rows_generic<const FMA: bool>(
     x: &[f32],
     out: &mut [f32],
     d: usize,
@@ -308,7 +342,7 @@ fn layer_norm_rows_generic(
         }
         if let Some(m) = m {
             for ((y, &s), &t) in yr.iter_mut().zip(m.one_plus_scale).zip(m.shift) {
-                *y = *y * s + t;
+                *y = madd::<FMA>(*y, s, t);
             }
         }
     }
@@ -325,7 +359,6 @@ pub fn layer_norm_rows(
     m: Option<Modulate<'_>>,
 ) {
     simd_dispatch!(
-        layer_norm_avx2,
         layer_norm_rows_generic,
         (x: &[f32], out: &mut [f32], d: usize, eps: f32, w: Option<&[f32]>, b: Option<&[f32]>, m: Option<Modulate<'_>>)
     )
