@@ -6,7 +6,10 @@
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use std::time::Instant;
-use vdit_models::layers::{attention, linear::{Activation, Linear}};
+use vdit_models::layers::{
+    attention,
+    linear::{Activation, Linear},
+};
 
 /// `--kernels`: times the main kernels alone at the 2B shapes (S = 4516 tokens, D = 1920).
 fn kernels() -> Result<()> {
@@ -21,19 +24,40 @@ fn kernels() -> Result<()> {
             f()?;
         }
         let dt = t.elapsed().as_secs_f64() / n as f64;
-        println!("{name:<28} {:8.1} ms {:7.1} GF/s", dt * 1e3, flop / dt / 1e9);
+        println!(
+            "{name:<28} {:8.1} ms {:7.1} GF/s",
+            dt * 1e3,
+            flop / dt / 1e9
+        );
         Ok(())
     };
     let w = |o: usize, i: usize| Tensor::randn(0f32, 0.02, (o, i), &dev);
-    let qkv = Linear::from_tensors(w(d, d)?, Some(Tensor::zeros(d, candle_core::DType::F32, &dev)?));
-    let ff1 = Linear::from_tensors(w(4 * d, d)?, Some(Tensor::zeros(4 * d, candle_core::DType::F32, &dev)?));
-    let ff2 = Linear::from_tensors(w(d, 4 * d)?, Some(Tensor::zeros(d, candle_core::DType::F32, &dev)?));
+    let qkv = Linear::from_tensors(
+        w(d, d)?,
+        Some(Tensor::zeros(d, candle_core::DType::F32, &dev)?),
+    );
+    let ff1 = Linear::from_tensors(
+        w(4 * d, d)?,
+        Some(Tensor::zeros(4 * d, candle_core::DType::F32, &dev)?),
+    );
+    let ff2 = Linear::from_tensors(
+        w(d, 4 * d)?,
+        Some(Tensor::zeros(d, candle_core::DType::F32, &dev)?),
+    );
     let h = ff1.forward(&x)?;
     let sd = (s * d) as f64;
     time("linear D->D", 2.0 * sd * d as f64, &|| Ok(qkv.forward(&x)?))?;
-    time("linear D->4D + gelu", 8.0 * sd * d as f64, &|| Ok(ff1.forward_act(&x, Activation::GeluTanh)?))?;
-    time("linear 4D->D", 8.0 * sd * d as f64, &|| Ok(ff2.forward(&h)?))?;
-    time("candle matmul D->4D", 8.0 * sd * d as f64, &|| Ok(x.broadcast_matmul(&ff1.weight().t()?)?))?;
+    time("linear D->4D + gelu", 8.0 * sd * d as f64, &|| {
+        Ok(ff1.forward_act(&x, Activation::GeluTanh)?)
+    })?;
+    time(
+        "linear 4D->D",
+        8.0 * sd * d as f64,
+        &|| Ok(ff2.forward(&h)?),
+    )?;
+    time("candle matmul D->4D", 8.0 * sd * d as f64, &|| {
+        Ok(x.broadcast_matmul(&ff1.weight().t()?)?)
+    })?;
     let q = Tensor::randn(0f32, 1.0, (1, s, d), &dev)?;
     let k = Tensor::randn(0f32, 1.0, (1, s, d), &dev)?;
     {
@@ -44,9 +68,15 @@ fn kernels() -> Result<()> {
             vdit_models::layers::cpu::softmax_unnormalised(&mut buf, s, 0.125, &mut sums);
         }
         let dt = t.elapsed().as_secs_f64() / 100.0;
-        println!("softmax 64x{s}: {:.3} ms, {:.2} ns/elem", dt * 1e3, dt * 1e9 / (64 * s) as f64);
+        println!(
+            "softmax 64x{s}: {:.3} ms, {:.2} ns/elem",
+            dt * 1e3,
+            dt * 1e9 / (64 * s) as f64
+        );
     }
-    time("sdpa 30x64", 4.0 * (s * s * d) as f64, &|| Ok(attention::sdpa(&q, &k, &x, heads, 0.125)?))?;
+    time("sdpa 30x64", 4.0 * (s * s * d) as f64, &|| {
+        Ok(attention::sdpa(&q, &k, &x, heads, 0.125)?)
+    })?;
     Ok(())
 }
 
@@ -60,7 +90,10 @@ fn main() -> Result<()> {
             "--rope" => rope = true,
             "--kernels" => return kernels(),
             "--runs" => runs = args.next().context("--runs N")?.parse()?,
-            n => nums.push(n.parse::<usize>().with_context(|| format!("not a number: {n}"))?),
+            n => nums.push(
+                n.parse::<usize>()
+                    .with_context(|| format!("not a number: {n}"))?,
+            ),
         }
     }
     let get = |i: usize, d: usize| nums.get(i).copied().unwrap_or(d);

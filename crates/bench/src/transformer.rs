@@ -17,7 +17,13 @@ pub const TEXT_TOKENS: usize = 226;
 
 /// The 2B-width config with `layers` blocks, sample size = the latent `frames × height × width`,
 /// and 3D RoPE instead of sin-cos positions when `rope` (as `ROPE=1` in the reference script).
-pub fn bench_config(frames: usize, height: usize, width: usize, layers: usize, rope: bool) -> CogVideoXTransformerConfig {
+pub fn bench_config(
+    frames: usize,
+    height: usize,
+    width: usize,
+    layers: usize,
+    rope: bool,
+) -> CogVideoXTransformerConfig {
     CogVideoXTransformerConfig {
         num_layers: layers,
         sample_height: height,
@@ -29,7 +35,10 @@ pub fn bench_config(frames: usize, height: usize, width: usize, layers: usize, r
 }
 
 /// Builds the model with N(0, 0.02) weights (norm weights too; the values do not change the work).
-pub fn random_model(cfg: &CogVideoXTransformerConfig, dev: &Device) -> Result<CogVideoXTransformer3D> {
+pub fn random_model(
+    cfg: &CogVideoXTransformerConfig,
+    dev: &Device,
+) -> Result<CogVideoXTransformer3D> {
     let vm = VarMap::new();
     let model = CogVideoXTransformer3D::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, dev))?;
     for var in vm.all_vars() {
@@ -50,15 +59,30 @@ pub fn run(
     rope: bool,
     runs: usize,
 ) -> Result<Vec<Duration>> {
-    anyhow::ensure!(frames >= 1 && batch >= 1, "frames and batch must be at least 1");
+    anyhow::ensure!(
+        frames >= 1 && batch >= 1,
+        "frames and batch must be at least 1"
+    );
     let dev = Device::Cpu;
     let cfg = bench_config(frames, height, width, layers, rope);
     let model = random_model(&cfg, &dev)?;
-    let x = Tensor::randn(0f32, 1.0, (batch, frames, cfg.in_channels, height, width), &dev)?;
+    let x = Tensor::randn(
+        0f32,
+        1.0,
+        (batch, frames, cfg.in_channels, height, width),
+        &dev,
+    )?;
     let text = Tensor::randn(0f32, 1.0, (batch, TEXT_TOKENS, cfg.text_embed_dim), &dev)?;
     let t = Tensor::full(999f32, batch, &dev)?;
     let tables = if rope {
-        Some(cogvideox_rotary_pos_embed(&cfg, height * 8, width * 8, frames, 8, &dev)?)
+        Some(cogvideox_rotary_pos_embed(
+            &cfg,
+            height * 8,
+            width * 8,
+            frames,
+            8,
+            &dev,
+        )?)
     } else {
         None
     };

@@ -122,9 +122,15 @@ fn bad_flags_and_folders_give_clear_errors() {
     let dir = tmpdir("errors");
     let base = fixture_args(&dir);
     let out = dir.join("x.gif");
+    // The fixture's arguments with one flag's value replaced (or added).
     let with = |extra: &[&str]| {
+        let mut args = base.clone();
+        match args.iter().position(|a| a == extra[0]) {
+            Some(i) => args[i + 1] = extra[1].to_string(),
+            None => args.extend(extra.iter().map(|s| s.to_string())),
+        }
         let mut c = vdit();
-        c.args(&base).args(extra).arg("--output").arg(&out);
+        c.args(&args).arg("--output").arg(&out);
         c
     };
     let e = run_err(&mut with(&["--num-frames", "8"]));

@@ -18,7 +18,11 @@ const TOL: f64 = 1e-4;
 /// a model folder must not).
 fn load(case: &str) -> CogVideoXTransformer3D {
     let s = Scratch::new(case, "load");
-    std::fs::copy(fixture_dir(case).join("diffusion_pytorch_model.safetensors"), s.weights_path()).unwrap();
+    std::fs::copy(
+        fixture_dir(case).join("diffusion_pytorch_model.safetensors"),
+        s.weights_path(),
+    )
+    .unwrap();
     CogVideoXTransformer3D::load(&s.0, DType::F32, &Device::Cpu).unwrap()
 }
 
@@ -67,7 +71,8 @@ fn transformer_v15_rope() {
 /// latents of the input size and a VAE scale of 8 (see `rope_for` in make_fixtures.py).
 fn rope_case(case: &str) {
     let dir = fixture_dir(case);
-    let cfg: CogVideoXTransformerConfig = vdit_core::config::load_config(&dir.join("config.json")).unwrap();
+    let cfg: CogVideoXTransformerConfig =
+        vdit_core::config::load_config(&dir.join("config.json")).unwrap();
     let meta = load_meta(&dir).unwrap();
     let dims: Vec<usize> = meta["inputs"]["hidden_states"]
         .as_array()
@@ -78,7 +83,10 @@ fn rope_case(case: &str) {
     let (f, h, w) = (dims[1], dims[3], dims[4]);
     let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
     let (cos, sin) = cogvideox_rotary_pos_embed(&cfg, h * 8, w * 8, f, 8, &Device::Cpu).unwrap();
-    for (name, got, want) in [("cos", &cos, &inputs["rope_cos"]), ("sin", &sin, &inputs["rope_sin"])] {
+    for (name, got, want) in [
+        ("cos", &cos, &inputs["rope_cos"]),
+        ("sin", &sin, &inputs["rope_sin"]),
+    ] {
         let d = max_abs_diff(got, want).unwrap();
         eprintln!("{case} rope {name}: max abs diff {d:.3e}");
         assert!(d <= 1e-6, "{case} rope {name}: {d:e}");
@@ -100,7 +108,8 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(case: &str, tag: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("vdit_parity_{case}_{tag}_{}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("vdit_parity_{case}_{tag}_{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         let src = fixture_dir(case);
@@ -135,7 +144,10 @@ impl Drop for Scratch {
 
 fn assert_names(err: &str, file: &Path, key: &str) {
     eprintln!("{err}");
-    assert!(err.contains(&file.display().to_string()), "no file name in: {err}");
+    assert!(
+        err.contains(&file.display().to_string()),
+        "no file name in: {err}"
+    );
     assert!(err.contains(key), "no `{key}` in: {err}");
 }
 
@@ -144,7 +156,10 @@ fn misshaped_tensor_is_rejected() {
     let s = Scratch::new("transformer_sincos", "shape");
     let key = "transformer_blocks.1.attn1.to_k.weight";
     s.write_weights(|t| {
-        t.insert(key.into(), Tensor::zeros((32, 31), DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            key.into(),
+            Tensor::zeros((32, 31), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let e = s.load_err();
     assert_names(&e, &s.weights_path(), key);
@@ -166,7 +181,10 @@ fn extra_tensor_is_rejected() {
     let s = Scratch::new("transformer_sincos", "extra");
     let key = "transformer_blocks.2.attn1.to_q.weight";
     s.write_weights(|t| {
-        t.insert(key.into(), Tensor::zeros((32, 32), DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            key.into(),
+            Tensor::zeros((32, 32), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     assert_names(&s.load_err(), &s.weights_path(), key);
 }
@@ -181,7 +199,11 @@ fn invalid_config_values_are_rejected() {
         ("activation_fn", "\"gelu-approximate\"", "\"relu\""),
         ("patch_size", "\"patch_size\": 2", "\"patch_size\": 0"),
         ("num_layers", "\"num_layers\": 2", "\"num_layers\": \"two\""),
-        ("use_learned_positional_embeddings", "\"use_learned_positional_embeddings\": false", "\"use_learned_positional_embeddings\": true"),
+        (
+            "use_learned_positional_embeddings",
+            "\"use_learned_positional_embeddings\": false",
+            "\"use_learned_positional_embeddings\": true",
+        ),
     ] {
         assert!(orig.contains(from), "{from}");
         std::fs::write(&file, orig.replacen(from, to, 1)).unwrap();
@@ -201,12 +223,21 @@ fn bad_inputs_are_errors() {
     let t = Tensor::new(&[10f32], &dev).unwrap();
     model.forward(&x, &e, &t, None, None).unwrap();
     let odd = Tensor::zeros((1, 2, 4, 9, 12), DType::F32, &dev).unwrap();
-    let msg = model.forward(&odd, &e, &t, None, None).unwrap_err().to_string();
+    let msg = model
+        .forward(&odd, &e, &t, None, None)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("patch_size"), "{msg}");
     let chans = Tensor::zeros((1, 2, 3, 8, 12), DType::F32, &dev).unwrap();
-    let msg = model.forward(&chans, &e, &t, None, None).unwrap_err().to_string();
+    let msg = model
+        .forward(&chans, &e, &t, None, None)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("in_channels"), "{msg}");
     let cos = Tensor::zeros((48, 16), DType::F32, &dev).unwrap();
-    let msg = model.forward(&x, &e, &t, Some((&cos, &cos)), None).unwrap_err().to_string();
+    let msg = model
+        .forward(&x, &e, &t, Some((&cos, &cos)), None)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("rotary"), "{msg}");
 }

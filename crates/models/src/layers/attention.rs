@@ -5,11 +5,11 @@
 //! - [`head_norm_rope`]: per-head LayerNorm of q or k (weights `[dh]` shared by the heads) and
 //!   RoPE on the rows from `rope_offset` on (CogVideoX's video tokens).
 //!
-//! f32 CPU path of [`sdpa`]: work is split into tasks of one (batch, head, block of `Q_BLOCK`
-//! query rows); each task computes its `Q_BLOCK × Sk` score block with gemm straight from the
+//! f32 CPU path of [`sdpa`]: work is split into tasks of one (batch, head, block of up to 256
+//! query rows); each task computes its `rows × Sk` score block with gemm straight from the
 //! strided q/k data, exponentiates it in place (row max subtracted, vectorised exp), multiplies
 //! by v with gemm straight into the output rows, then divides those `dh`-wide rows by the sums.
-//! Memory: one score block per thread (`Q_BLOCK·Sk` floats, 1.2 MB at Sk = 4516), never the
+//! Memory: one score block per thread (at most 4 M floats; 4.6 MB at Sk = 4516), never the
 //! `H × S × S` matrix. Elsewhere (CUDA, f16/bf16) the candle form runs, chunked over heads.
 //!
 //! Neither fast path records gradients; training needs the candle forms (`sdpa_candle`,
@@ -22,9 +22,10 @@ use super::rope::apply_rope_candle;
 use candle_core::{Result, Tensor, D};
 use rayon::prelude::*;
 
-/// Query rows per task.
-fn q_block() -> usize {
-    std::env::var("VDIT_QBLOCK").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+/// Query rows per task: up to 256 (measured best at Sk = 4516 among 32..512), fewer for very
+/// long sequences so that a score block stays within 4 M floats (16 MB) per thread.
+fn q_block(sk: usize) -> usize {
+    ((1usize << 22) / sk.max(1) / 16 * 16).clamp(16, 256)
 }
 
 /// Scaled dot-product attention: `q [B, Sq, H·dh]`, `k, v [B, Sk, H·dh]` → `[B, Sq, H·dh]`.
@@ -48,7 +49,7 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -> Res
     {
         let (qv, kv, vv) = (F32View::new(&q)?, F32View::new(&k)?, F32View::new(&v)?);
         let (qs, ks, vs) = (qv.slice(), kv.slice(), vv.slice());
-        let qblk = q_block();
+        let qblk = q_block(sk);
         let blocks = sq.div_ceil(qblk);
         let tasks = b * heads * blocks;
         let optr = SendPtr(out.as_mut_ptr());
@@ -155,7 +156,10 @@ pub fn head_norm_rope(
     let (b, s, d) = x.dims3()?;
     let dh = norm.dim();
     if heads * dh != d {
-        candle_core::bail!("head norm over {dh} features with {heads} heads got input {:?}", x.dims())
+        candle_core::bail!(
+            "head norm over {dh} features with {heads} heads got input {:?}",
+            x.dims()
+        )
     }
     if let Some((c, sn)) = rope {
         let n = s.saturating_sub(rope_offset);
@@ -171,20 +175,36 @@ pub fn head_norm_rope(
     if !(cpu::is_cpu_f32(x) && rope_fast) {
         return head_norm_rope_candle(x, norm, heads, rope, rope_offset);
     }
-    let params_fast = norm.weight().iter().chain(&norm.bias()).all(|t| cpu::is_cpu_f32(t));
+    let params_fast = norm
+        .weight()
+        .iter()
+        .chain(&norm.bias())
+        .all(|t| cpu::is_cpu_f32(t));
     if !params_fast {
         return head_norm_rope_candle(x, norm, heads, rope, rope_offset);
     }
     let x = x.contiguous()?;
     let w = norm.weight().map(|t| t.contiguous()).transpose()?;
     let bias = norm.bias().map(|t| t.contiguous()).transpose()?;
-    let rope = rope.map(|(c, s)| -> Result<_> { Ok((c.contiguous()?, s.contiguous()?)) }).transpose()?;
+    let rope = rope
+        .map(|(c, s)| -> Result<_> { Ok((c.contiguous()?, s.contiguous()?)) })
+        .transpose()?;
     let mut out = vec![0f32; b * s * d];
     {
         let xv = F32View::new(&x)?;
-        let (wv, bv) = (w.as_ref().map(F32View::new).transpose()?, bias.as_ref().map(F32View::new).transpose()?);
-        let rv = rope.as_ref().map(|(c, s)| -> Result<_> { Ok((F32View::new(c)?, F32View::new(s)?)) }).transpose()?;
-        let (xs, ws, bs) = (xv.slice(), wv.as_ref().map(|v| v.slice()), bv.as_ref().map(|v| v.slice()));
+        let (wv, bv) = (
+            w.as_ref().map(F32View::new).transpose()?,
+            bias.as_ref().map(F32View::new).transpose()?,
+        );
+        let rv = rope
+            .as_ref()
+            .map(|(c, s)| -> Result<_> { Ok((F32View::new(c)?, F32View::new(s)?)) })
+            .transpose()?;
+        let (xs, ws, bs) = (
+            xv.slice(),
+            wv.as_ref().map(|v| v.slice()),
+            bv.as_ref().map(|v| v.slice()),
+        );
         let tables = rv.as_ref().map(|(c, s)| (c.slice(), s.slice()));
         let eps = norm.eps() as f32;
         out.par_chunks_mut(d).enumerate().for_each(|(g, row)| {
@@ -242,14 +262,26 @@ mod tests {
     use candle_nn::{VarBuilder, VarMap};
 
     fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
     fn sdpa_matches_the_candle_form() -> Result<()> {
         let dev = Device::Cpu;
-        // Sq spans several query blocks with a ragged last one; Sk is not a multiple of 16.
-        for (b, sq, sk, heads, dh) in [(2, 150, 150, 3, 16), (1, 70, 37, 2, 8), (1, 1, 5, 1, 4)] {
+        // Sq = 600 spans three query blocks (256, 256, 88); Sk is not always a multiple of 16.
+        for (b, sq, sk, heads, dh) in [
+            (2, 150, 150, 3, 16),
+            (1, 600, 150, 2, 16),
+            (1, 70, 37, 2, 8),
+            (1, 1, 5, 1, 4),
+        ] {
             let q = Tensor::randn(0f32, 1.0, (b, sq, heads * dh), &dev)?;
             let k = Tensor::randn(0f32, 1.0, (b, sk, heads * dh), &dev)?;
             let v = Tensor::randn(0f32, 1.0, (b, sk, heads * dh), &dev)?;
@@ -269,8 +301,22 @@ mod tests {
         let (b, s, heads, dh, off) = (2, 11, 3, 8, 4);
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-        let _ = vb.get_with_hints(dh, "n.weight", candle_nn::Init::Randn { mean: 1.0, stdev: 0.2 })?;
-        let _ = vb.get_with_hints(dh, "n.bias", candle_nn::Init::Randn { mean: 0.0, stdev: 0.2 })?;
+        let _ = vb.get_with_hints(
+            dh,
+            "n.weight",
+            candle_nn::Init::Randn {
+                mean: 1.0,
+                stdev: 0.2,
+            },
+        )?;
+        let _ = vb.get_with_hints(
+            dh,
+            "n.bias",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.2,
+            },
+        )?;
         let norm = LayerNorm::new(dh, 1e-6, true, vb.pp("n"))?;
         let x = Tensor::randn(0f32, 1.0, (b, s, heads * dh), &dev)?;
         let cos = Tensor::randn(0f32, 1.0, (s - off, dh), &dev)?;

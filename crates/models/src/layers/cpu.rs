@@ -29,10 +29,17 @@ impl<'a> F32View<'a> {
     pub fn new(t: &'a Tensor) -> Result<Self> {
         let (guard, layout): (StorageRef<'a>, &Layout) = t.storage_and_layout();
         if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
-            candle_core::bail!("f32 CPU kernel called on a {:?} tensor on {:?}", t.dtype(), t.device().location())
+            candle_core::bail!(
+                "f32 CPU kernel called on a {:?} tensor on {:?}",
+                t.dtype(),
+                t.device().location()
+            )
         }
         let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("f32 CPU kernel called on a non-contiguous tensor of shape {:?}", t.dims())
+            candle_core::bail!(
+                "f32 CPU kernel called on a non-contiguous tensor of shape {:?}",
+                t.dims()
+            )
         };
         Ok(Self { guard, start, end })
     }
@@ -245,7 +252,12 @@ fn row_sq_dev(xs: &[f32], mean: f32) -> f32 {
 /// but writes each row's sum into `sums` (normalisation is left to the caller, who can apply it
 /// to the much smaller attention output).
 #[inline(always)]
-fn softmax_unnormalised_generic<const FMA: bool>(x: &mut [f32], cols: usize, scale: f32, sums: &mut [f32]) {
+fn softmax_unnormalised_generic<const FMA: bool>(
+    x: &mut [f32],
+    cols: usize,
+    scale: f32,
+    sums: &mut [f32],
+) {
     for (row, sum) in x.chunks_exact_mut(cols).zip(sums.iter_mut()) {
         let shift = -row_max(row) * scale;
         let mut acc = [0f32; LANES];
@@ -386,7 +398,9 @@ mod tests {
     #[test]
     fn softmax_rows_match_a_plain_softmax() {
         let cols = 37;
-        let x: Vec<f32> = (0..3 * cols).map(|i| ((i * 7919) % 101) as f32 * 0.37 - 15.0).collect();
+        let x: Vec<f32> = (0..3 * cols)
+            .map(|i| ((i * 7919) % 101) as f32 * 0.37 - 15.0)
+            .collect();
         let mut y = x.clone();
         let mut sums = [0f32; 3];
         softmax_unnormalised(&mut y, cols, 0.5, &mut sums);
@@ -397,7 +411,11 @@ mod tests {
             let s: f64 = e.iter().sum();
             for c in 0..cols {
                 let got = (y[r * cols + c] / sums[r]) as f64;
-                assert!((got - e[c] / s).abs() < 1e-6, "row {r} col {c}: {got} vs {}", e[c] / s);
+                assert!(
+                    (got - e[c] / s).abs() < 1e-6,
+                    "row {r} col {c}: {got} vs {}",
+                    e[c] / s
+                );
             }
         }
     }
@@ -409,21 +427,31 @@ mod tests {
         gelu_tanh(&mut y);
         for (&v, &g) in x.iter().zip(&y) {
             let v = v as f64;
-            let want = 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh());
-            assert!((g as f64 - want).abs() < 2e-6 * (1.0 + want.abs()), "{v}: {g} vs {want}");
+            let want = 0.5
+                * v
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh());
+            assert!(
+                (g as f64 - want).abs() < 2e-6 * (1.0 + want.abs()),
+                "{v}: {g} vs {want}"
+            );
         }
     }
 
     #[test]
     fn layer_norm_rows_match_the_definition() {
         let d = 19;
-        let x: Vec<f32> = (0..2 * d).map(|i| ((i * 31) % 17) as f32 * 0.5 - 3.0).collect();
+        let x: Vec<f32> = (0..2 * d)
+            .map(|i| ((i * 31) % 17) as f32 * 0.5 - 3.0)
+            .collect();
         let w: Vec<f32> = (0..d).map(|i| 1.0 + i as f32 * 0.01).collect();
         let b: Vec<f32> = (0..d).map(|i| i as f32 * -0.02).collect();
         let s: Vec<f32> = (0..d).map(|i| 1.0 + i as f32 * 0.03).collect();
         let t: Vec<f32> = (0..d).map(|i| 0.1 - i as f32 * 0.01).collect();
         let mut y = vec![0f32; 2 * d];
-        let m = Modulate { one_plus_scale: &s, shift: &t };
+        let m = Modulate {
+            one_plus_scale: &s,
+            shift: &t,
+        };
         layer_norm_rows(&x, &mut y, d, 1e-5, Some(&w), Some(&b), Some(m));
         for r in 0..2 {
             let row: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();

@@ -11,7 +11,13 @@ use candle_nn::VarBuilder;
 /// Sinusoidal embedding of `t [N]` (any float dtype; used as f32) into `[N, dim]` f32:
 /// frequencies `exp(−ln(max_period)·i/(half − shift))`, then `[sin | cos]`, or `[cos | sin]`
 /// with `flip_sin_to_cos`; an odd `dim` gets a zero last column.
-pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, shift: f64, max_period: f64) -> Result<Tensor> {
+pub fn timestep_embedding(
+    t: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f64,
+    max_period: f64,
+) -> Result<Tensor> {
     let ts: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     if t.rank() != 1 {
         candle_core::bail!("timesteps must be 1-D, found shape {:?}", t.dims())
@@ -29,7 +35,8 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, shift: 
     let mut out = Vec::with_capacity(ts.len() * dim);
     for &tv in &ts {
         let args = freqs.iter().map(|&f| (tv * f) as f64);
-        let (sin, cos): (Vec<f32>, Vec<f32>) = args.map(|a| (a.sin() as f32, a.cos() as f32)).unzip();
+        let (sin, cos): (Vec<f32>, Vec<f32>) =
+            args.map(|a| (a.sin() as f32, a.cos() as f32)).unzip();
         if flip_sin_to_cos {
             out.extend(cos);
             out.extend(sin);
@@ -61,7 +68,8 @@ impl TimestepEmbedding {
 
     /// `[N, in] -> [N, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&candle_nn::ops::silu(&self.linear_1.forward(x)?)?)
+        self.linear_2
+            .forward(&candle_nn::ops::silu(&self.linear_1.forward(x)?)?)
     }
 }
 
@@ -141,7 +149,8 @@ mod tests {
     #[test]
     fn sincos_3d_layout() -> Result<()> {
         // D = 16: temporal 4 columns, w part 6, h part 6
-        let e: Vec<Vec<f32>> = sincos_pos_embed_3d(16, 2, 3, 2, 1.0, 1.0, &Device::Cpu)?.to_vec2()?;
+        let e: Vec<Vec<f32>> =
+            sincos_pos_embed_3d(16, 2, 3, 2, 1.0, 1.0, &Device::Cpu)?.to_vec2()?;
         assert_eq!(e.len(), 12);
         let r = &e[6 + 3 + 2]; // t = 1, h = 1, w = 2
         assert_eq!(r[0], 1f32.sin()); // temporal sin, ω0 = 1

@@ -31,7 +31,11 @@ impl Linear {
     /// Loads `weight` `[out, in]` and, with `bias`, `bias` `[out]` under `vb`.
     pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
         Ok(Self { weight, bias })
     }
 
@@ -68,12 +72,18 @@ impl Linear {
             candle_core::bail!("linear: input is a scalar, expected [.., {in_dim}]")
         };
         if last != in_dim {
-            candle_core::bail!("linear: input has shape {:?}, expected last dimension {in_dim}", x.dims())
+            candle_core::bail!(
+                "linear: input has shape {:?}, expected last dimension {in_dim}",
+                x.dims()
+            )
         }
         let fast = cpu::is_cpu_f32(x)
             && cpu::is_cpu_f32(&self.weight)
             && self.weight.is_contiguous()
-            && self.bias.as_ref().is_none_or(|b| cpu::is_cpu_f32(b) && b.is_contiguous());
+            && self
+                .bias
+                .as_ref()
+                .is_none_or(|b| cpu::is_cpu_f32(b) && b.is_contiguous());
         if !fast {
             return self.forward_candle(x, act);
         }
@@ -145,7 +155,11 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 37, 24), &dev)?;
         let w = Tensor::randn(0f32, 0.3, (50, 24), &dev)?;
         let b = Tensor::randn(0f32, 0.3, 50, &dev)?;
-        for (bias, act) in [(true, Activation::None), (false, Activation::GeluTanh), (true, Activation::GeluTanh)] {
+        for (bias, act) in [
+            (true, Activation::None),
+            (false, Activation::GeluTanh),
+            (true, Activation::GeluTanh),
+        ] {
             let l = Linear::from_tensors(w.clone(), bias.then(|| b.clone()));
             let fast = l.forward_act(&x, act)?;
             let slow = l.forward_candle(&x, act)?;
@@ -156,9 +170,14 @@ mod tests {
         // a non-contiguous input takes the same path after a copy
         let xt = Tensor::randn(0f32, 1.0, (24, 5), &dev)?.t()?;
         let l = Linear::from_tensors(w, Some(b));
-        let d = (l.forward(&xt)? - l.forward_candle(&xt, Activation::None)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = (l.forward(&xt)? - l.forward_candle(&xt, Activation::None)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(d < 1e-5);
-        assert!(l.forward(&Tensor::zeros((3, 23), candle_core::DType::F32, &dev)?).is_err());
+        assert!(l
+            .forward(&Tensor::zeros((3, 23), candle_core::DType::F32, &dev)?)
+            .is_err());
         Ok(())
     }
 }

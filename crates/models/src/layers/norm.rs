@@ -37,7 +37,12 @@ impl LayerNorm {
         } else {
             (None, None)
         };
-        Ok(Self { weight, bias, dim, eps })
+        Ok(Self {
+            weight,
+            bias,
+            dim,
+            eps,
+        })
     }
 
     pub fn dim(&self) -> usize {
@@ -78,7 +83,11 @@ impl LayerNorm {
     ) -> Result<Tensor> {
         let (b, s, d) = x.dims3()?;
         if d != self.dim {
-            candle_core::bail!("layer norm over {} features got input of shape {:?}", self.dim, x.dims())
+            candle_core::bail!(
+                "layer norm over {} features got input of shape {:?}",
+                self.dim,
+                x.dims()
+            )
         }
         let split = split.min(s);
         for m in [first, rest].into_iter().flatten() {
@@ -108,7 +117,9 @@ impl LayerNorm {
             // [B, d] each: 1 + scale and shift, per span
             let prep = |m: Option<Modulation<'_>>| -> Result<Option<(Vec<f32>, Vec<f32>)>> {
                 m.map(|m| -> Result<_> {
-                    let sc = (m.scale.contiguous()? + 1.0)?.flatten_all()?.to_vec1::<f32>()?;
+                    let sc = (m.scale.contiguous()? + 1.0)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
                     let sh = m.shift.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
                     Ok((sc, sh))
                 })
@@ -117,34 +128,39 @@ impl LayerNorm {
             let (mf, mr) = (prep(first)?, prep(rest)?);
             let xs = xv.slice();
             let eps = self.eps as f32;
-            let (ws, bs) = (wv.as_ref().map(|v| v.slice()), bv.as_ref().map(|v| v.slice()));
-            out.par_chunks_mut(ROW_BLOCK * d).enumerate().for_each(|(blk, o)| {
-                let r0 = blk * ROW_BLOCK; // global row over B·S
-                let nrows = o.len() / d;
-                let mut r = 0;
-                while r < nrows {
-                    let g = r0 + r;
-                    let (bi, si) = (g / s, g % s);
-                    // run of rows in one batch item and one span
-                    let span_end = if si < split { split } else { s };
-                    let run = (span_end - si).min(nrows - r);
-                    let m = if si < split { &mf } else { &mr };
-                    let m = m.as_ref().map(|(sc, sh)| Modulate {
-                        one_plus_scale: &sc[bi * d..(bi + 1) * d],
-                        shift: &sh[bi * d..(bi + 1) * d],
-                    });
-                    cpu::layer_norm_rows(
-                        &xs[g * d..(g + run) * d],
-                        &mut o[r * d..(r + run) * d],
-                        d,
-                        eps,
-                        ws,
-                        bs,
-                        m,
-                    );
-                    r += run;
-                }
-            });
+            let (ws, bs) = (
+                wv.as_ref().map(|v| v.slice()),
+                bv.as_ref().map(|v| v.slice()),
+            );
+            out.par_chunks_mut(ROW_BLOCK * d)
+                .enumerate()
+                .for_each(|(blk, o)| {
+                    let r0 = blk * ROW_BLOCK; // global row over B·S
+                    let nrows = o.len() / d;
+                    let mut r = 0;
+                    while r < nrows {
+                        let g = r0 + r;
+                        let (bi, si) = (g / s, g % s);
+                        // run of rows in one batch item and one span
+                        let span_end = if si < split { split } else { s };
+                        let run = (span_end - si).min(nrows - r);
+                        let m = if si < split { &mf } else { &mr };
+                        let m = m.as_ref().map(|(sc, sh)| Modulate {
+                            one_plus_scale: &sc[bi * d..(bi + 1) * d],
+                            shift: &sh[bi * d..(bi + 1) * d],
+                        });
+                        cpu::layer_norm_rows(
+                            &xs[g * d..(g + run) * d],
+                            &mut o[r * d..(r + run) * d],
+                            d,
+                            eps,
+                            ws,
+                            bs,
+                            m,
+                        );
+                        r += run;
+                    }
+                });
         }
         Tensor::from_vec(out, (b, s, d), x.device())
     }
@@ -198,7 +214,13 @@ impl LayerNorm {
 
 /// `x + gate·y` for `x, y [B, S, d]`, with `gate_first [B, d]` on rows `< split` and
 /// `gate_rest [B, d]` on the others.
-pub fn gated_residual(x: &Tensor, y: &Tensor, split: usize, gate_first: &Tensor, gate_rest: &Tensor) -> Result<Tensor> {
+pub fn gated_residual(
+    x: &Tensor,
+    y: &Tensor,
+    split: usize,
+    gate_first: &Tensor,
+    gate_rest: &Tensor,
+) -> Result<Tensor> {
     let (b, s, d) = x.dims3()?;
     if y.dims() != x.dims() || gate_first.dims() != [b, d] || gate_rest.dims() != [b, d] {
         candle_core::bail!(
@@ -210,9 +232,13 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, split: usize, gate_first: &Tensor,
         )
     }
     let split = split.min(s);
-    if ![x, y, gate_first, gate_rest].iter().all(|t| cpu::is_cpu_f32(t)) {
+    if ![x, y, gate_first, gate_rest]
+        .iter()
+        .all(|t| cpu::is_cpu_f32(t))
+    {
         let part = |start: usize, len: usize, g: &Tensor| -> Result<Tensor> {
-            x.narrow(1, start, len)?.add(&y.narrow(1, start, len)?.broadcast_mul(&g.unsqueeze(1)?)?)
+            x.narrow(1, start, len)?
+                .add(&y.narrow(1, start, len)?.broadcast_mul(&g.unsqueeze(1)?)?)
         };
         return match split {
             0 => part(0, s, gate_rest),
@@ -224,19 +250,30 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, split: usize, gate_first: &Tensor,
     let (gf, gr) = (gate_first.contiguous()?, gate_rest.contiguous()?);
     let mut out = vec![0f32; b * s * d];
     {
-        let (xv, yv, gfv, grv) = (F32View::new(&x)?, F32View::new(&y)?, F32View::new(&gf)?, F32View::new(&gr)?);
+        let (xv, yv, gfv, grv) = (
+            F32View::new(&x)?,
+            F32View::new(&y)?,
+            F32View::new(&gf)?,
+            F32View::new(&gr)?,
+        );
         let (xs, ys, gfs, grs) = (xv.slice(), yv.slice(), gfv.slice(), grv.slice());
-        out.par_chunks_mut(ROW_BLOCK * d).enumerate().for_each(|(blk, o)| {
-            for (r, orow) in o.chunks_exact_mut(d).enumerate() {
-                let g = blk * ROW_BLOCK + r;
-                let (bi, si) = (g / s, g % s);
-                let gate = if si < split { &gfs[bi * d..(bi + 1) * d] } else { &grs[bi * d..(bi + 1) * d] };
-                let (xr, yr) = (&xs[g * d..(g + 1) * d], &ys[g * d..(g + 1) * d]);
-                for (((o, &xv), &yv), &gv) in orow.iter_mut().zip(xr).zip(yr).zip(gate) {
-                    *o = xv + gv * yv;
+        out.par_chunks_mut(ROW_BLOCK * d)
+            .enumerate()
+            .for_each(|(blk, o)| {
+                for (r, orow) in o.chunks_exact_mut(d).enumerate() {
+                    let g = blk * ROW_BLOCK + r;
+                    let (bi, si) = (g / s, g % s);
+                    let gate = if si < split {
+                        &gfs[bi * d..(bi + 1) * d]
+                    } else {
+                        &grs[bi * d..(bi + 1) * d]
+                    };
+                    let (xr, yr) = (&xs[g * d..(g + 1) * d], &ys[g * d..(g + 1) * d]);
+                    for (((o, &xv), &yv), &gv) in orow.iter_mut().zip(xr).zip(yr).zip(gate) {
+                        *o = xv + gv * yv;
+                    }
                 }
-            }
-        });
+            });
     }
     Tensor::from_vec(out, (b, s, d), x.device())
 }
@@ -247,7 +284,14 @@ mod tests {
     use candle_core::Device;
 
     fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
@@ -262,19 +306,37 @@ mod tests {
             eps: 1e-5,
         };
         let m = |seed: f32| -> Result<(Tensor, Tensor)> {
-            Ok((Tensor::randn(seed, 0.3, (b, d), &dev)?, Tensor::randn(-seed, 0.3, (b, d), &dev)?))
+            Ok((
+                Tensor::randn(seed, 0.3, (b, d), &dev)?,
+                Tensor::randn(-seed, 0.3, (b, d), &dev)?,
+            ))
         };
         let (s1, c1) = m(0.1)?;
         let (s2, c2) = m(0.2)?;
         for split in [0, 7, 33, 45] {
-            let f = Some(Modulation { shift: &s1, scale: &c1 });
-            let r = Some(Modulation { shift: &s2, scale: &c2 });
+            let f = Some(Modulation {
+                shift: &s1,
+                scale: &c1,
+            });
+            let r = Some(Modulation {
+                shift: &s2,
+                scale: &c2,
+            });
             let fast = ln.forward_joint(&x, split, f, r)?;
             let slow = ln.forward_joint_candle(&x, split, f, r)?;
             assert!(maxdiff(&fast, &slow) < 1e-5, "split {split}");
             let fast = gated_residual(&x, &fast, split, &s1, &c2)?;
-            let slow = gated_residual(&x.to_dtype(DType::F64)?, &slow.to_dtype(DType::F64)?, split, &s1.to_dtype(DType::F64)?, &c2.to_dtype(DType::F64)?)?;
-            assert!(maxdiff(&fast, &slow.to_dtype(DType::F32)?) < 1e-5, "gated, split {split}");
+            let slow = gated_residual(
+                &x.to_dtype(DType::F64)?,
+                &slow.to_dtype(DType::F64)?,
+                split,
+                &s1.to_dtype(DType::F64)?,
+                &c2.to_dtype(DType::F64)?,
+            )?;
+            assert!(
+                maxdiff(&fast, &slow.to_dtype(DType::F32)?) < 1e-5,
+                "gated, split {split}"
+            );
         }
         let plain = ln.forward(&x)?;
         assert!(maxdiff(&plain, &ln.forward_candle(&x)?) < 1e-5);

@@ -40,7 +40,13 @@ fn linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
     let step = (e - s) / (n - 1) as f32;
     let half = n / 2;
     (0..n)
-        .map(|i| if i < half { s + step * i as f32 } else { e - step * (n - 1 - i) as f32 })
+        .map(|i| {
+            if i < half {
+                s + step * i as f32
+            } else {
+                e - step * (n - 1 - i) as f32
+            }
+        })
         .collect()
 }
 
@@ -69,19 +75,46 @@ fn rope_1d(dim: usize, pos: &[f32], theta: f64) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// The `(cos, sin)` tables, each `[T·H·W, head_dim]` f32 on `dev`.
-pub fn rotary_pos_embed_3d(head_dim: usize, grid: &RopeGrid, theta: f64, dev: &Device) -> Result<(Tensor, Tensor)> {
+pub fn rotary_pos_embed_3d(
+    head_dim: usize,
+    grid: &RopeGrid,
+    theta: f64,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
     if head_dim % 8 != 0 || head_dim == 0 {
         candle_core::bail!("3D RoPE needs a head dimension divisible by 8, got {head_dim}")
     }
     let (pos_t, pos_h, pos_w, t, gh, gw) = match *grid {
-        RopeGrid::Linspace { crop: ((top, left), (bottom, right)), grid_h, grid_w, frames } => {
+        RopeGrid::Linspace {
+            crop: ((top, left), (bottom, right)),
+            grid_h,
+            grid_w,
+            frames,
+        } => {
             let lin = |start: i64, stop: i64, n: usize| {
                 linspace_f32(start as f64, stop as f64 * (n as f64 - 1.0) / n as f64, n)
             };
-            let pt = linspace_f32(0.0, frames as f64 * (frames as f64 - 1.0) / frames as f64, frames);
-            (pt, lin(top, bottom, grid_h), lin(left, right, grid_w), frames, grid_h, grid_w)
+            let pt = linspace_f32(
+                0.0,
+                frames as f64 * (frames as f64 - 1.0) / frames as f64,
+                frames,
+            );
+            (
+                pt,
+                lin(top, bottom, grid_h),
+                lin(left, right, grid_w),
+                frames,
+                grid_h,
+                grid_w,
+            )
         }
-        RopeGrid::Slice { max_h, max_w, grid_h, grid_w, frames } => {
+        RopeGrid::Slice {
+            max_h,
+            max_w,
+            grid_h,
+            grid_w,
+            frames,
+        } => {
             if grid_h > max_h || grid_w > max_w {
                 candle_core::bail!(
                     "RoPE grid {grid_h}x{grid_w} exceeds the model's base grid {max_h}x{max_w} (sample_height/width over patch_size)"
@@ -128,7 +161,9 @@ pub fn apply_rope_candle(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tenso
     let rot = Tensor::cat(&[im.neg()?, re], D::Minus1)?.reshape((b, n, h, dh))?; // [B, N, H, dh]
     let cos = cos.to_dtype(DType::F32)?.reshape((1, n, 1, dh))?;
     let sin = sin.to_dtype(DType::F32)?.reshape((1, n, 1, dh))?;
-    xf.broadcast_mul(&cos)?.add(&rot.broadcast_mul(&sin)?)?.to_dtype(dt)
+    xf.broadcast_mul(&cos)?
+        .add(&rot.broadcast_mul(&sin)?)?
+        .to_dtype(dt)
 }
 
 #[cfg(test)]
@@ -148,7 +183,13 @@ mod tests {
     #[test]
     fn table_layout_and_rotation() -> Result<()> {
         let dev = Device::Cpu;
-        let grid = RopeGrid::Slice { max_h: 4, max_w: 4, grid_h: 2, grid_w: 3, frames: 2 };
+        let grid = RopeGrid::Slice {
+            max_h: 4,
+            max_w: 4,
+            grid_h: 2,
+            grid_w: 3,
+            frames: 2,
+        };
         let (c, s) = rotary_pos_embed_3d(16, &grid, 10000.0, &dev)?;
         assert_eq!(c.dims(), &[12, 16]);
         // token (t=1, h=1, w=2) is row 1·6 + 1·3 + 2 = 11; its t part uses position 1, h part 1, w part 2

@@ -170,7 +170,8 @@ impl CogVideoXTransformerConfig {
 
     /// Rejects values this implementation (or diffusers) cannot run; errors name `file` and the key.
     pub fn validate(&self, file: &Path) -> vdit_core::Result<()> {
-        let pos = |v: usize, key: &str| ensure(v > 0, file, key, || "must be at least 1, found 0".into());
+        let pos =
+            |v: usize, key: &str| ensure(v > 0, file, key, || "must be at least 1, found 0".into());
         pos(self.num_attention_heads, "num_attention_heads")?;
         pos(self.attention_head_dim, "attention_head_dim")?;
         pos(self.in_channels, "in_channels")?;
@@ -178,63 +179,123 @@ impl CogVideoXTransformerConfig {
         pos(self.time_embed_dim, "time_embed_dim")?;
         pos(self.text_embed_dim, "text_embed_dim")?;
         pos(self.patch_size, "patch_size")?;
-        pos(self.temporal_compression_ratio, "temporal_compression_ratio")?;
+        pos(
+            self.temporal_compression_ratio,
+            "temporal_compression_ratio",
+        )?;
         pos(self.sample_width, "sample_width")?;
         pos(self.sample_height, "sample_height")?;
         pos(self.sample_frames, "sample_frames")?;
         if let Some(pt) = self.patch_size_t {
-            ensure(pt > 0, file, "patch_size_t", || "must be at least 1 (or null), found 0".into())?;
-            ensure(self.use_rotary_positional_embeddings, file, "patch_size_t", || {
-                "temporal patches need use_rotary_positional_embeddings = true (the sin-cos table has one row per latent frame)".into()
+            ensure(pt > 0, file, "patch_size_t", || {
+                "must be at least 1 (or null), found 0".into()
             })?;
+            ensure(
+                self.use_rotary_positional_embeddings,
+                file,
+                "patch_size_t",
+                || {
+                    "temporal patches need use_rotary_positional_embeddings = true (the sin-cos table has one row per latent frame)".into()
+                },
+            )?;
         }
-        ensure(self.activation_fn == "gelu-approximate", file, "activation_fn", || {
-            format!("only \"gelu-approximate\" is supported, found {:?}", self.activation_fn)
-        })?;
-        ensure(self.timestep_activation_fn == "silu", file, "timestep_activation_fn", || {
-            format!("only \"silu\" is supported, found {:?}", self.timestep_activation_fn)
-        })?;
-        ensure(self.norm_eps > 0.0 && self.norm_eps.is_finite(), file, "norm_eps", || {
-            format!("must be a positive number, found {}", self.norm_eps)
-        })?;
+        ensure(
+            self.activation_fn == "gelu-approximate",
+            file,
+            "activation_fn",
+            || {
+                format!(
+                    "only \"gelu-approximate\" is supported, found {:?}",
+                    self.activation_fn
+                )
+            },
+        )?;
+        ensure(
+            self.timestep_activation_fn == "silu",
+            file,
+            "timestep_activation_fn",
+            || {
+                format!(
+                    "only \"silu\" is supported, found {:?}",
+                    self.timestep_activation_fn
+                )
+            },
+        )?;
+        ensure(
+            self.norm_eps > 0.0 && self.norm_eps.is_finite(),
+            file,
+            "norm_eps",
+            || format!("must be a positive number, found {}", self.norm_eps),
+        )?;
         ensure((0.0..1.0).contains(&self.dropout), file, "dropout", || {
             format!("must be in [0, 1), found {}", self.dropout)
         })?;
         let half = (self.inner_dim() / 2) as f64;
-        ensure(self.freq_shift.is_finite() && half - self.freq_shift != 0.0, file, "freq_shift", || {
-            format!("{} makes the timestep frequencies divide by zero", self.freq_shift)
-        })?;
+        ensure(
+            self.freq_shift.is_finite() && half - self.freq_shift != 0.0,
+            file,
+            "freq_shift",
+            || {
+                format!(
+                    "{} makes the timestep frequencies divide by zero",
+                    self.freq_shift
+                )
+            },
+        )?;
         if let Some(o) = self.ofs_embed_dim {
             ensure(o == self.time_embed_dim, file, "ofs_embed_dim", || {
                 format!("the ofs embedding is added to the time embedding, so it must equal time_embed_dim {}, found {o}", self.time_embed_dim)
             })?;
         }
         if self.use_learned_positional_embeddings {
-            ensure(self.use_rotary_positional_embeddings, file, "use_learned_positional_embeddings", || {
-                "learned positions without rotary embeddings exist in no CogVideoX checkpoint (diffusers rejects them too)".into()
-            })?;
+            ensure(
+                self.use_rotary_positional_embeddings,
+                file,
+                "use_learned_positional_embeddings",
+                || {
+                    "learned positions without rotary embeddings exist in no CogVideoX checkpoint (diffusers rejects them too)".into()
+                },
+            )?;
         }
         if self.use_rotary_positional_embeddings {
-            ensure(self.attention_head_dim % 16 == 0, file, "attention_head_dim", || {
-                format!(
+            ensure(
+                self.attention_head_dim % 16 == 0,
+                file,
+                "attention_head_dim",
+                || {
+                    format!(
                     "3D RoPE splits the head into t/h/w parts of d/4, 3d/8, 3d/8 (each even), so it must be a multiple of 16, found {}",
                     self.attention_head_dim
                 )
-            })?;
+                },
+            )?;
         } else {
-            ensure(self.inner_dim() % 16 == 0, file, "attention_head_dim", || {
-                format!(
+            ensure(
+                self.inner_dim() % 16 == 0,
+                file,
+                "attention_head_dim",
+                || {
+                    format!(
                     "3D sin-cos positions need num_attention_heads·attention_head_dim divisible by 16, found {}·{} = {}",
                     self.num_attention_heads,
                     self.attention_head_dim,
                     self.inner_dim()
                 )
-            })?;
+                },
+            )?;
             for (v, key) in [
-                (self.spatial_interpolation_scale, "spatial_interpolation_scale"),
-                (self.temporal_interpolation_scale, "temporal_interpolation_scale"),
+                (
+                    self.spatial_interpolation_scale,
+                    "spatial_interpolation_scale",
+                ),
+                (
+                    self.temporal_interpolation_scale,
+                    "temporal_interpolation_scale",
+                ),
             ] {
-                ensure(v > 0.0 && v.is_finite(), file, key, || format!("must be a positive number, found {v}"))?;
+                ensure(v > 0.0 && v.is_finite(), file, key, || {
+                    format!("must be a positive number, found {v}")
+                })?;
             }
         }
         Ok(())
@@ -244,7 +305,12 @@ impl CogVideoXTransformerConfig {
 /// diffusers' `get_resize_crop_region_for_grid((h, w), tgt_width, tgt_height)`: the region of
 /// the `tgt_height × tgt_width` base grid the `h × w` grid maps to, resized to fit and centred.
 /// Python's `round` rounds half to even, hence `round_ties_even`.
-fn resize_crop_region(h: usize, w: usize, tgt_width: usize, tgt_height: usize) -> ((i64, i64), (i64, i64)) {
+fn resize_crop_region(
+    h: usize,
+    w: usize,
+    tgt_width: usize,
+    tgt_height: usize,
+) -> ((i64, i64), (i64, i64)) {
     let (tw, th) = (tgt_width as f64, tgt_height as f64);
     let (hf, wf) = (h as f64, w as f64);
     let (rh, rw) = if hf / wf > th / tw {
@@ -280,7 +346,9 @@ pub fn cogvideox_rotary_pos_embed(
     }
     let (grid_h, grid_w) = (height_px / cell, width_px / cell);
     if grid_h == 0 || grid_w == 0 {
-        candle_core::bail!("rotary embedding: {height_px}x{width_px} px is smaller than one {cell}-pixel patch")
+        candle_core::bail!(
+            "rotary embedding: {height_px}x{width_px} px is smaller than one {cell}-pixel patch"
+        )
     }
     let (base_h, base_w) = (cfg.sample_height / p, cfg.sample_width / p);
     let grid = match cfg.patch_size_t {
@@ -331,10 +399,27 @@ impl JointAttention {
     }
 
     /// `x [B, L+N, D]` → `[B, L+N, D]`; RoPE on rows `text_len..`.
-    fn forward(&self, x: &Tensor, text_len: usize, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        text_len: usize,
+        rope: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
         let o = {
-            let q = head_norm_rope(&self.to_q.forward(x)?, &self.norm_q, self.heads, rope, text_len)?;
-            let k = head_norm_rope(&self.to_k.forward(x)?, &self.norm_k, self.heads, rope, text_len)?;
+            let q = head_norm_rope(
+                &self.to_q.forward(x)?,
+                &self.norm_q,
+                self.heads,
+                rope,
+                text_len,
+            )?;
+            let k = head_norm_rope(
+                &self.to_k.forward(x)?,
+                &self.norm_k,
+                self.heads,
+                rope,
+                text_len,
+            )?;
             let v = self.to_v.forward(x)?;
             sdpa(&q, &k, &v, self.heads, 1.0 / (self.head_dim as f32).sqrt())? // [B, L+N, D]
         };
@@ -367,11 +452,17 @@ impl ZeroMods {
     }
 
     fn text(&self) -> Modulation<'_> {
-        Modulation { shift: &self.enc_shift, scale: &self.enc_scale }
+        Modulation {
+            shift: &self.enc_shift,
+            scale: &self.enc_scale,
+        }
     }
 
     fn video(&self) -> Modulation<'_> {
-        Modulation { shift: &self.shift, scale: &self.scale }
+        Modulation {
+            shift: &self.shift,
+            scale: &self.scale,
+        }
     }
 }
 
@@ -392,7 +483,11 @@ struct Block {
 impl Block {
     fn new(cfg: &CogVideoXTransformerConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.inner_dim();
-        let (t, eps, affine) = (cfg.time_embed_dim, cfg.norm_eps, cfg.norm_elementwise_affine);
+        let (t, eps, affine) = (
+            cfg.time_embed_dim,
+            cfg.norm_eps,
+            cfg.norm_elementwise_affine,
+        );
         Ok(Self {
             norm1_linear: Linear::new(t, 6 * d, true, vb.pp("norm1").pp("linear"))?,
             norm1: LayerNorm::new(d, eps, affine, vb.pp("norm1").pp("norm"))?,
@@ -406,18 +501,28 @@ impl Block {
     }
 
     /// `x [B, L+N, D]`, `temb_act = silu(temb) [B, time_embed_dim]` → `[B, L+N, D]`.
-    fn forward(&self, x: &Tensor, temb_act: &Tensor, text_len: usize, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        temb_act: &Tensor,
+        text_len: usize,
+        rope: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
         let x = {
             let m = ZeroMods::split(&self.norm1_linear.forward(temb_act)?, self.dim)?;
             let a = {
-                let h = self.norm1.forward_joint(x, text_len, Some(m.text()), Some(m.video()))?;
+                let h = self
+                    .norm1
+                    .forward_joint(x, text_len, Some(m.text()), Some(m.video()))?;
                 self.attn.forward(&h, text_len, rope)?
             };
             gated_residual(x, &a, text_len, &m.enc_gate, &m.gate)?
         };
         let m = ZeroMods::split(&self.norm2_linear.forward(temb_act)?, self.dim)?;
         let f = {
-            let h = self.norm2.forward_joint(&x, text_len, Some(m.text()), Some(m.video()))?;
+            let h = self
+                .norm2
+                .forward_joint(&x, text_len, Some(m.text()), Some(m.video()))?;
             let hidden = self.ff_in.forward_act(&h, Activation::GeluTanh)?; // [B, L+N, 4D]
             drop(h);
             self.ff_out.forward(&hidden)?
@@ -464,20 +569,32 @@ impl CogVideoXTransformer3D {
         let pe = vb.pp("patch_embed");
         let patch_proj = match cfg.patch_size_t {
             None => {
-                let w = pe.get((d, c, p, p), "proj.weight")?.reshape((d, c * p * p))?; // [D, C·p·p]
-                let b = if cfg.patch_bias { Some(pe.get(d, "proj.bias")?) } else { None };
+                let w = pe
+                    .get((d, c, p, p), "proj.weight")?
+                    .reshape((d, c * p * p))?; // [D, C·p·p]
+                let b = if cfg.patch_bias {
+                    Some(pe.get(d, "proj.bias")?)
+                } else {
+                    None
+                };
                 Linear::from_tensors(w, b)
             }
             // diffusers' nn.Linear here always has a bias, whatever patch_bias says
             Some(pt) => Linear::new(c * pt * p * p, d, true, pe.pp("proj"))?,
         };
         let text_proj = Linear::new(cfg.text_embed_dim, d, true, pe.pp("text_proj"))?;
-        let (gh, gw, gf) = (cfg.sample_height / p, cfg.sample_width / p, cfg.sample_latent_frames());
+        let (gh, gw, gf) = (
+            cfg.sample_height / p,
+            cfg.sample_width / p,
+            cfg.sample_latent_frames(),
+        );
         let positions = if cfg.use_learned_positional_embeddings {
             let n = cfg.max_text_seq_length + gf * gh * gw;
             Positions::Learned(pe.get((1, n, d), "pos_embedding")?.squeeze(0)?) // [L + N, D]
         } else if !cfg.use_rotary_positional_embeddings {
-            Positions::SinCos(Self::sincos_table(cfg, gf, gh, gw, vb.device())?.to_dtype(vb.dtype())?)
+            Positions::SinCos(
+                Self::sincos_table(cfg, gf, gh, gw, vb.device())?.to_dtype(vb.dtype())?,
+            )
         } else {
             Positions::None
         };
@@ -499,7 +616,12 @@ impl CogVideoXTransformer3D {
             ofs_embedding,
             blocks,
             norm_final: LayerNorm::new(d, eps, affine, vb.pp("norm_final"))?,
-            norm_out_linear: Linear::new(cfg.time_embed_dim, 2 * d, true, vb.pp("norm_out").pp("linear"))?,
+            norm_out_linear: Linear::new(
+                cfg.time_embed_dim,
+                2 * d,
+                true,
+                vb.pp("norm_out").pp("linear"),
+            )?,
             norm_out_norm: LayerNorm::new(d, eps, affine, vb.pp("norm_out").pp("norm"))?,
             proj_out: Linear::new(d, out_dim, true, vb.pp("proj_out"))?,
         })
@@ -522,7 +644,13 @@ impl CogVideoXTransformer3D {
     }
 
     /// The 2B position table `[frames·gh·gw, D]` f32.
-    fn sincos_table(cfg: &CogVideoXTransformerConfig, frames: usize, gh: usize, gw: usize, dev: &Device) -> Result<Tensor> {
+    fn sincos_table(
+        cfg: &CogVideoXTransformerConfig,
+        frames: usize,
+        gh: usize,
+        gw: usize,
+        dev: &Device,
+    ) -> Result<Tensor> {
         sincos_pos_embed_3d(
             cfg.inner_dim(),
             gh,
@@ -558,10 +686,16 @@ impl CogVideoXTransformer3D {
         let (p, pt) = (cfg.patch_size, cfg.patch_size_t.unwrap_or(1));
         let d = cfg.inner_dim();
         if c != cfg.in_channels {
-            candle_core::bail!("hidden_states: {c} channels in shape {:?}, expected in_channels {}", hidden.dims(), cfg.in_channels)
+            candle_core::bail!(
+                "hidden_states: {c} channels in shape {:?}, expected in_channels {}",
+                hidden.dims(),
+                cfg.in_channels
+            )
         }
         if h % p != 0 || w % p != 0 || h == 0 || w == 0 {
-            candle_core::bail!("hidden_states: latent size {h}x{w} is not a positive multiple of patch_size {p}")
+            candle_core::bail!(
+                "hidden_states: latent size {h}x{w} is not a positive multiple of patch_size {p}"
+            )
         }
         if f % pt != 0 || f == 0 {
             candle_core::bail!("hidden_states: {f} latent frames is not a positive multiple of patch_size_t {pt} (pad the latents first, as the pipeline does)")
@@ -577,8 +711,13 @@ impl CogVideoXTransformer3D {
         let (ft, gh, gw) = (f / pt, h / p, w / p);
         let n = ft * gh * gw;
         match (rope, cfg.use_rotary_positional_embeddings) {
-            (None, true) => candle_core::bail!("this model uses rotary embeddings: pass (cos, sin) of shape [{n}, {}]", cfg.attention_head_dim),
-            (Some(_), false) => candle_core::bail!("this model uses sin-cos positions; rotary embeddings were passed"),
+            (None, true) => candle_core::bail!(
+                "this model uses rotary embeddings: pass (cos, sin) of shape [{n}, {}]",
+                cfg.attention_head_dim
+            ),
+            (Some(_), false) => candle_core::bail!(
+                "this model uses sin-cos positions; rotary embeddings were passed"
+            ),
             _ => {}
         }
         let dtype = hidden.dtype();
@@ -591,17 +730,23 @@ impl CogVideoXTransformer3D {
             }
         };
         check_1d(timestep, "timestep")?;
-        let t_emb = timestep_embedding(timestep, d, cfg.flip_sin_to_cos, cfg.freq_shift, 10000.0)?.to_dtype(dtype)?;
+        let t_emb = timestep_embedding(timestep, d, cfg.flip_sin_to_cos, cfg.freq_shift, 10000.0)?
+            .to_dtype(dtype)?;
         let mut emb = self.time_embedding.forward(&t_emb)?; // [B or 1, T]
         match (&self.ofs_embedding, ofs) {
             (Some(oe), Some(o)) => {
                 check_1d(o, "ofs")?;
                 let od = cfg.ofs_embed_dim.unwrap_or(cfg.time_embed_dim);
-                let o = timestep_embedding(o, od, cfg.flip_sin_to_cos, cfg.freq_shift, 10000.0)?.to_dtype(dtype)?;
+                let o = timestep_embedding(o, od, cfg.flip_sin_to_cos, cfg.freq_shift, 10000.0)?
+                    .to_dtype(dtype)?;
                 emb = emb.broadcast_add(&oe.forward(&o)?)?;
             }
-            (Some(_), None) => candle_core::bail!("this model has an ofs embedding (ofs_embed_dim is set): pass `ofs`"),
-            (None, Some(_)) => candle_core::bail!("`ofs` was passed but this model has no ofs embedding"),
+            (Some(_), None) => candle_core::bail!(
+                "this model has an ofs embedding (ofs_embed_dim is set): pass `ofs`"
+            ),
+            (None, Some(_)) => {
+                candle_core::bail!("`ofs` was passed but this model has no ofs embedding")
+            }
             (None, None) => {}
         }
         let emb = emb.broadcast_as((b, cfg.time_embed_dim))?.contiguous()?; // [B, T]
@@ -612,7 +757,7 @@ impl CogVideoXTransformer3D {
             && w == cfg.sample_width
             && (f - 1) * cfg.temporal_compression_ratio + 1 == cfg.sample_frames;
         let sincos = || Self::sincos_table(cfg, f, gh, gw, hidden.device())?.to_dtype(dtype); // [N, D]
-        // (text rows, video rows) to add; text rows of a sin-cos table are zero, so none
+                                                                                              // (text rows, video rows) to add; text rows of a sin-cos table are zero, so none
         let (text_pos, video_pos): (Option<Tensor>, Option<Tensor>) = match &self.positions {
             Positions::None => (None, None),
             // diffusers recomputes the table whenever the input is not the sample size
@@ -627,11 +772,17 @@ impl CogVideoXTransformer3D {
                     )
                 }
                 if l != cfg.max_text_seq_length {
-                    candle_core::bail!("learned positions cover {} text tokens; got {l}", cfg.max_text_seq_length)
+                    candle_core::bail!(
+                        "learned positions cover {} text tokens; got {l}",
+                        cfg.max_text_seq_length
+                    )
                 }
                 if at_sample_size {
                     let rows = table.dim(0)?;
-                    (Some(table.narrow(0, 0, l)?), Some(table.narrow(0, l, rows - l)?))
+                    (
+                        Some(table.narrow(0, 0, l)?),
+                        Some(table.narrow(0, l, rows - l)?),
+                    )
                 } else {
                     // a different frame count: diffusers swaps in the sin-cos table (zero text rows)
                     (None, Some(sincos()?))
@@ -646,7 +797,10 @@ impl CogVideoXTransformer3D {
             }
             if let Some(v) = video_pos {
                 if v.dim(0)? != n {
-                    candle_core::bail!("the position table has {} video rows; the input has {n} video tokens", v.dim(0)?)
+                    candle_core::bail!(
+                        "the position table has {} video rows; the input has {n} video tokens",
+                        v.dim(0)?
+                    )
                 }
                 video_tok = video_tok.broadcast_add(&v.unsqueeze(0)?)?;
             }
@@ -674,8 +828,19 @@ impl CogVideoXTransformer3D {
         drop(x);
         let video = self.norm_final.forward(&video)?;
         let m = self.norm_out_linear.forward(temb_act)?; // [B, 2D] = [shift | scale]
-        let (shift, scale) = (m.narrow(1, 0, d)?.contiguous()?, m.narrow(1, d, d)?.contiguous()?);
-        let video = self.norm_out_norm.forward_joint(&video, 0, None, Some(Modulation { shift: &shift, scale: &scale }))?;
+        let (shift, scale) = (
+            m.narrow(1, 0, d)?.contiguous()?,
+            m.narrow(1, d, d)?.contiguous()?,
+        );
+        let video = self.norm_out_norm.forward_joint(
+            &video,
+            0,
+            None,
+            Some(Modulation {
+                shift: &shift,
+                scale: &scale,
+            }),
+        )?;
         let out = self.proj_out.forward(&video)?; // [B, N, C_out·p_t·p·p]
         self.unpatchify(&out, b, f, h, w)
     }
@@ -753,18 +918,33 @@ mod tests {
     fn invalid_values_name_their_key() {
         let f = Path::new("x/config.json");
         let cases: Vec<(&str, Box<dyn Fn(&mut CogVideoXTransformerConfig)>)> = vec![
-            ("activation_fn", Box::new(|c| c.activation_fn = "gelu".into())),
+            (
+                "activation_fn",
+                Box::new(|c| c.activation_fn = "gelu".into()),
+            ),
             ("patch_size", Box::new(|c| c.patch_size = 0)),
             ("patch_size_t", Box::new(|c| c.patch_size_t = Some(2))),
-            ("use_learned_positional_embeddings", Box::new(|c| c.use_learned_positional_embeddings = true)),
-            ("attention_head_dim", Box::new(|c| {
-                c.use_rotary_positional_embeddings = true;
-                c.attention_head_dim = 24;
-            })),
-            ("num_attention_heads", Box::new(|c| c.num_attention_heads = 0)),
+            (
+                "use_learned_positional_embeddings",
+                Box::new(|c| c.use_learned_positional_embeddings = true),
+            ),
+            (
+                "attention_head_dim",
+                Box::new(|c| {
+                    c.use_rotary_positional_embeddings = true;
+                    c.attention_head_dim = 24;
+                }),
+            ),
+            (
+                "num_attention_heads",
+                Box::new(|c| c.num_attention_heads = 0),
+            ),
             ("ofs_embed_dim", Box::new(|c| c.ofs_embed_dim = Some(3))),
             ("norm_eps", Box::new(|c| c.norm_eps = 0.0)),
-            ("timestep_activation_fn", Box::new(|c| c.timestep_activation_fn = "relu".into())),
+            (
+                "timestep_activation_fn",
+                Box::new(|c| c.timestep_activation_fn = "relu".into()),
+            ),
         ];
         for (key, edit) in cases {
             let mut c = CogVideoXTransformerConfig::tiny();
