@@ -145,8 +145,14 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
         anyhow::bail!("invalid --count: expected at least 1, found 0");
     }
     let t = Instant::now();
-    let records = vdit_world::export(&a.out, split, a.count, a.seed, opts, format)
-        .with_context(|| format!("sampling {} clips of {split} into {}", a.count, a.out.display()))?;
+    let records =
+        vdit_world::export(&a.out, split, a.count, a.seed, opts, format).with_context(|| {
+            format!(
+                "sampling {} clips of {split} into {}",
+                a.count,
+                a.out.display()
+            )
+        })?;
     eprintln!(
         "wrote {} {split} clips ({}x{}, {} frames at {} fps{}) and captions.jsonl to {} in {:.1} s",
         records.len(),
@@ -197,10 +203,14 @@ fn eval_world(a: EvalWorldArgs) -> anyhow::Result<()> {
     }
     let rep = report(&clips);
     print!("{}", rep.table());
-    eprintln!("scored {} clips in {:.1} s", clips.len(), t.elapsed().as_secs_f64());
+    eprintln!(
+        "scored {} clips in {:.1} s",
+        clips.len(),
+        t.elapsed().as_secs_f64()
+    );
     if let Some(out) = &a.out {
-        let json = serde_json::to_string_pretty(&rep.to_json())?;
-        std::fs::write(out, json + "\n").with_context(|| format!("writing {}", out.display()))?;
+        std::fs::write(out, rep.to_json_pretty() + "\n")
+            .with_context(|| format!("writing {}", out.display()))?;
         eprintln!("report written to {}", out.display());
     }
     Ok(())

@@ -16,19 +16,21 @@ const TOL: f64 = 1e-4;
 /// Loads a fixture's transformer through `CogVideoXTransformer3D::load`, from a copy of its
 /// `config.json` and weights (the fixture folder also holds the input/output safetensors, which
 /// a model folder must not).
-fn load(case: &str) -> CogVideoXTransformer3D {
-    let s = Scratch::new(case, "load");
+fn load(case: &str, dtype: DType) -> CogVideoXTransformer3D {
+    let s = Scratch::new(case, &format!("load_{dtype:?}"));
     std::fs::copy(
         fixture_dir(case).join("diffusion_pytorch_model.safetensors"),
         s.weights_path(),
     )
     .unwrap();
-    CogVideoXTransformer3D::load(&s.0, DType::F32, &Device::Cpu).unwrap()
+    CogVideoXTransformer3D::load(&s.0, dtype, &Device::Cpu).unwrap()
 }
 
-fn run_case(case: &str) {
+/// Runs a fixture case with the model in `dtype`: f32 takes the CPU kernels; f64 takes the
+/// plain candle forms of every layer (the differentiable path training will use).
+fn run_case_in(case: &str, dtype: DType) {
     let dir = fixture_dir(case);
-    let model = load(case);
+    let model = load(case, dtype);
     let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
     let outputs = load_tensors(&dir.join("outputs.safetensors")).unwrap();
     let rope = match (inputs.get("rope_cos"), inputs.get("rope_sin")) {
@@ -37,14 +39,35 @@ fn run_case(case: &str) {
     };
     let y = model
         .forward(
-            &inputs["hidden_states"],
-            &inputs["encoder_hidden_states"],
+            &inputs["hidden_states"].to_dtype(dtype).unwrap(),
+            &inputs["encoder_hidden_states"].to_dtype(dtype).unwrap(),
             &inputs["timestep"],
             rope,
             None,
         )
         .unwrap();
-    assert_close(case, &y, &outputs["sample"], TOL);
+    assert_eq!(y.dtype(), dtype);
+    assert_close(
+        &format!("{case} ({dtype:?})"),
+        &y,
+        &outputs["sample"].to_dtype(dtype).unwrap(),
+        TOL,
+    );
+}
+
+fn run_case(case: &str) {
+    run_case_in(case, DType::F32);
+}
+
+#[test]
+fn candle_forms_match_too() {
+    for case in [
+        "transformer_sincos",
+        "transformer_rope",
+        "transformer_v15_rope",
+    ] {
+        run_case_in(case, DType::F64);
+    }
 }
 
 #[test]
@@ -216,7 +239,7 @@ fn invalid_config_values_are_rejected() {
 
 #[test]
 fn bad_inputs_are_errors() {
-    let model = load("transformer_sincos");
+    let model = load("transformer_sincos", DType::F32);
     let dev = Device::Cpu;
     let x = Tensor::zeros((1, 2, 4, 8, 12), DType::F32, &dev).unwrap();
     let e = Tensor::zeros((1, 7, 24), DType::F32, &dev).unwrap();

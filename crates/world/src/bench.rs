@@ -10,7 +10,7 @@ use crate::Result;
 use rayon::prelude::*;
 use std::time::Instant;
 
-/// Timings of [`bench`].
+/// Timings of [`fn@bench`].
 #[derive(Debug, Clone)]
 pub struct BenchResult {
     pub clips: u64,
@@ -56,7 +56,10 @@ pub fn bench(split: Split, seed: u64, count: u64, opts: RenderOpts) -> Result<Be
         .into_par_iter()
         .map(|i| {
             let (scene, _) = sample_clip(split, seed, i, opts.duration());
-            render(&scene, opts).iter().map(|f| f[f.len() / 2] as usize).sum::<usize>()
+            render(&scene, opts)
+                .iter()
+                .map(|f| f[f.len() / 2] as usize)
+                .sum::<usize>()
         })
         .sum();
     std::hint::black_box(probe);

@@ -176,14 +176,30 @@ pub fn parse_caption(text: &str) -> Result<ParsedCaption> {
     if p.peek().is_some() {
         return Err(p.error_here("the end of the caption"));
     }
-    Ok(ParsedCaption { objects, background })
+    Ok(ParsedCaption {
+        objects,
+        background,
+    })
 }
 
 /// Every word the grammar knows.
 fn in_vocabulary(w: &str) -> bool {
     const WORDS: &[&str] = &[
-        "a", "an", "and", "on", "background", ",", "standing", "still", "not", "moving", "resting",
-        "sliding", "going", "slowly", "quickly",
+        "a",
+        "an",
+        "and",
+        "on",
+        "background",
+        ",",
+        "standing",
+        "still",
+        "not",
+        "moving",
+        "resting",
+        "sliding",
+        "going",
+        "slowly",
+        "quickly",
     ];
     WORDS.contains(&w)
         || Colour::from_name(w).is_some()
@@ -214,7 +230,11 @@ impl<'a> Parser<'a> {
                 words.push((",".to_string(), ","));
             }
         }
-        Parser { text, words, pos: 0 }
+        Parser {
+            text,
+            words,
+            pos: 0,
+        }
     }
 
     fn peek(&self) -> Option<&str> {
@@ -228,12 +248,26 @@ impl<'a> Parser<'a> {
                 expected: expected.to_string(),
             },
             Some((norm, orig)) => {
-                let (caption, word, position, expected) =
-                    (self.text.to_string(), orig.to_string(), self.pos + 1, expected.to_string());
+                let (caption, word, position, expected) = (
+                    self.text.to_string(),
+                    orig.to_string(),
+                    self.pos + 1,
+                    expected.to_string(),
+                );
                 if in_vocabulary(norm) {
-                    Error::UnexpectedWord { caption, word, position, expected }
+                    Error::UnexpectedWord {
+                        caption,
+                        word,
+                        position,
+                        expected,
+                    }
                 } else {
-                    Error::UnknownWord { caption, word, position, expected }
+                    Error::UnknownWord {
+                        caption,
+                        word,
+                        position,
+                        expected,
+                    }
                 }
             }
         }
@@ -272,7 +306,10 @@ impl<'a> Parser<'a> {
     }
 
     fn object(&mut self) -> Result<ParsedObject> {
-        self.expect(&["a", "an"], "an article (\"a\" or \"an\") starting an object")?;
+        self.expect(
+            &["a", "an"],
+            "an article (\"a\" or \"an\") starting an object",
+        )?;
         let size = self.take(Size::from_name);
         let colour = self.need(
             Colour::from_name,
@@ -282,7 +319,10 @@ impl<'a> Parser<'a> {
                 "a size (small, large) or a colour (red, orange, yellow, green, cyan, blue, purple, white)"
             },
         )?;
-        let shape = self.need(Shape::from_name, "a shape (circle, square, triangle, cross)")?;
+        let shape = self.need(
+            Shape::from_name,
+            "a shape (circle, square, triangle, cross)",
+        )?;
         let (mut motion, mut speed) = (None, None);
         match self.peek() {
             Some("standing") => {
@@ -316,14 +356,26 @@ impl<'a> Parser<'a> {
             }
             _ => {}
         }
-        Ok(ParsedObject { colour, shape, size, motion, speed })
+        Ok(ParsedObject {
+            colour,
+            shape,
+            size,
+            motion,
+            speed,
+        })
     }
 
     fn background_phrase(&mut self) -> Result<Background> {
         self.expect(&["on"], "\"on\" starting the background phrase")?;
         self.expect(&["a", "an"], "\"a\" after \"on\"")?;
-        let bg = self.need(Background::from_name, "a background (black, gray, navy, brown)")?;
-        self.expect(&["background"], "\"background\" after the background colour")?;
+        let bg = self.need(
+            Background::from_name,
+            "a background (black, gray, navy, brown)",
+        )?;
+        self.expect(
+            &["background"],
+            "\"background\" after the background colour",
+        )?;
         Ok(bg)
     }
 }
@@ -343,24 +395,39 @@ mod tests {
             let mut rng = clip_rng(split, 3, i);
             let scene = sample_scene(split, &mut rng);
             let text = caption(&scene, &mut rng);
-            assert!(!text.contains("  ") && text == text.to_lowercase(), "{text}");
-            assert!(!text.contains("a orange") && !text.contains("an red"), "{text}");
+            assert!(
+                !text.contains("  ") && text == text.to_lowercase(),
+                "{text}"
+            );
+            assert!(
+                !text.contains("a orange") && !text.contains("an red"),
+                "{text}"
+            );
             let p = parse_caption(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
             assert!(p.consistent_with(&scene), "{text} vs {scene:?}");
             for o in &p.objects {
                 omitted[0] += o.size.is_none() as usize;
                 omitted[1] += o.motion.is_none() as usize;
-                omitted[2] += (o.speed.is_none()
-                    && o.motion.is_some_and(|m| m != Motion::Still)) as usize;
+                omitted[2] +=
+                    (o.speed.is_none() && o.motion.is_some_and(|m| m != Motion::Still)) as usize;
             }
             omitted[3] += p.background.is_none() as usize;
             bg_first += text.starts_with("on ") as usize;
         }
         // The omission rates the spec sets, within sampling error.
         let objs: f64 = omitted[0] as f64 / P_OMIT_SIZE; // ~ number of objects
-        assert!((omitted[1] as f64 / objs - P_OMIT_MOTION).abs() < 0.01, "{omitted:?}");
-        assert!((omitted[3] as f64 / n as f64 - P_OMIT_BACKGROUND).abs() < 0.01, "{omitted:?}");
-        assert!((bg_first as f64 / n as f64 - 0.4).abs() < 0.015, "{bg_first}");
+        assert!(
+            (omitted[1] as f64 / objs - P_OMIT_MOTION).abs() < 0.01,
+            "{omitted:?}"
+        );
+        assert!(
+            (omitted[3] as f64 / n as f64 - P_OMIT_BACKGROUND).abs() < 0.01,
+            "{omitted:?}"
+        );
+        assert!(
+            (bg_first as f64 / n as f64 - 0.4).abs() < 0.015,
+            "{bg_first}"
+        );
     }
 
     #[test]
@@ -388,20 +455,49 @@ mod tests {
         assert_eq!(r.objects[0].open(), vec![Attribute::Size, Attribute::Speed]);
         assert_eq!(r.background, None);
         let s = parse_caption("a blue circle").unwrap();
-        assert_eq!(s.objects[0].open(), vec![Attribute::Size, Attribute::Motion, Attribute::Speed]);
+        assert_eq!(
+            s.objects[0].open(),
+            vec![Attribute::Size, Attribute::Motion, Attribute::Speed]
+        );
         // Lenient forms.
-        assert_eq!(parse_caption("On a navy background, An orange cross going quickly up").unwrap().objects.len(), 1);
+        assert_eq!(
+            parse_caption("On a navy background, An orange cross going quickly up")
+                .unwrap()
+                .objects
+                .len(),
+            1
+        );
     }
 
     #[test]
     fn errors_name_the_word() {
         let cases = [
-            ("a red hexagon", "\"hexagon\"", "not in the Shapes World grammar"),
-            ("a red circle moving fast left", "\"fast\"", "not in the Shapes World grammar"),
+            (
+                "a red hexagon",
+                "\"hexagon\"",
+                "not in the Shapes World grammar",
+            ),
+            (
+                "a red circle moving fast left",
+                "\"fast\"",
+                "not in the Shapes World grammar",
+            ),
             ("a red moving circle", "\"moving\"", "out of place"),
-            ("a red circle and a blue square and a green cross", "\"and\"", "out of place"),
-            ("a red circle on a green background", "\"green\"", "expected a background"),
-            ("on a black background a red circle", "\"a\"", "expected \",\""),
+            (
+                "a red circle and a blue square and a green cross",
+                "\"and\"",
+                "out of place",
+            ),
+            (
+                "a red circle on a green background",
+                "\"green\"",
+                "expected a background",
+            ),
+            (
+                "on a black background a red circle",
+                "\"a\"",
+                "expected \",\"",
+            ),
             ("a red", "ends too early", "expected a shape"),
             ("", "ends too early", "article"),
             ("a red circle moving slowly", "ends too early", "direction"),

@@ -95,7 +95,10 @@ impl std::str::FromStr for ClipFormat {
             "png" => Ok(ClipFormat::Png),
             "gif" => Ok(ClipFormat::Gif),
             "mp4" => Ok(ClipFormat::Mp4),
-            _ => Err(Error::invalid("format", format!("expected png, gif or mp4, found {s:?}"))),
+            _ => Err(Error::invalid(
+                "format",
+                format!("expected png, gif or mp4, found {s:?}"),
+            )),
         }
     }
 }
@@ -114,7 +117,10 @@ pub fn export(
     if format == ClipFormat::Mp4 && (opts.width % 2 == 1 || opts.height % 2 == 1) {
         return Err(Error::invalid(
             "format",
-            format!("mp4 needs even width and height, found {}x{}", opts.width, opts.height),
+            format!(
+                "mp4 needs even width and height, found {}x{}",
+                opts.width, opts.height
+            ),
         ));
     }
     if opts.duration() > MAX_DURATION {
@@ -137,7 +143,8 @@ pub fn export(
                 frames: render(&scene, opts),
             };
             let path = format.path(out, &id);
-            vdit_video::write_video(&path, &video).map_err(|e| Error::video(&path, e.to_string()))?;
+            vdit_video::write_video(&path, &video)
+                .map_err(|e| Error::video(&path, e.to_string()))?;
             Ok(ClipRecord {
                 id,
                 split: Some(split),
@@ -213,7 +220,11 @@ pub fn read_records(path: &Path) -> Result<Vec<ClipRecord>> {
 /// The clip of `id` in `dir`: `DIR/<id>/`, `DIR/<id>.gif` or `DIR/<id>.mp4`, the first that
 /// exists.
 pub fn find_clip(dir: &Path, id: &str) -> Result<PathBuf> {
-    let cands = [dir.join(id), dir.join(format!("{id}.gif")), dir.join(format!("{id}.mp4"))];
+    let cands = [
+        dir.join(id),
+        dir.join(format!("{id}.gif")),
+        dir.join(format!("{id}.mp4")),
+    ];
     let found = if cands[0].is_dir() {
         Some(&cands[0])
     } else {
@@ -247,7 +258,8 @@ pub fn score_dir(dir: &Path) -> Result<Vec<ScoredClip>> {
             // Already validated (with its line number) by read_records.
             let parsed = parse_caption(&record.caption)?;
             let path = find_clip(dir, &record.id)?;
-            let video = vdit_video::read_video(&path).map_err(|e| Error::video(&path, e.to_string()))?;
+            let video =
+                vdit_video::read_video(&path).map_err(|e| Error::video(&path, e.to_string()))?;
             let (w, h) = (video.width as usize, video.height as usize);
             // A PNG directory without fps.txt reads at 8 fps; the record may know better.
             let fps = if path.is_dir() && !path.join("fps.txt").exists() {
@@ -255,7 +267,8 @@ pub fn score_dir(dir: &Path) -> Result<Vec<ScoredClip>> {
             } else {
                 video.fps
             };
-            let score = score_clip_at(&video.frames, w, h, fps, &parsed).map_err(|e| Error::video(&path, e.to_string()))?;
+            let score = score_clip_at(&video.frames, w, h, fps, &parsed)
+                .map_err(|e| Error::video(&path, e.to_string()))?;
             let ground_truth = match &record.scene {
                 Some(scene) => {
                     let opts = RenderOpts {
@@ -283,7 +296,12 @@ pub fn score_dir(dir: &Path) -> Result<Vec<ScoredClip>> {
 pub fn report(clips: &[ScoredClip]) -> Report {
     let mut r = Report::new();
     for c in clips {
-        r.add(c.record.split, &c.caption, &c.score, c.ground_truth.as_ref());
+        r.add(
+            c.record.split,
+            &c.caption,
+            &c.score,
+            c.ground_truth.as_ref(),
+        );
     }
     r
 }

@@ -30,12 +30,10 @@ pub enum Error {
     /// A bad argument from the caller (a CLI flag, an API field).
     #[error("invalid {name}: {msg}")]
     InvalidArgument { name: String, msg: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file-system error (the message already includes the OS error, so it is not repeated
+    /// as a source).
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// A malformed line of a `captions.jsonl` file.
     #[error("{path}: line {line}: {msg}")]
     Record {
@@ -59,7 +57,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
 

@@ -15,10 +15,10 @@
 //! println!("{}", report.table());
 //! ```
 //!
-//! Modules: [`bench`] (throughput), [`scene`] (types, palette, geometry, kinematics), [`split`] (split rules, sampler,
-//! seeding), [`render`], [`caption`] (sampler and parser), [`score`] (the scorer), [`report`]
-//! (aggregation, chance), [`dataset`] (`captions.jsonl` + clips on disk), [`perturb`] (blur,
-//! noise, null clips for the gates).
+//! Modules: [`mod@scene`] (types, palette, geometry, kinematics), [`mod@split`] (split rules,
+//! sampler, seeding), [`mod@render`], [`mod@caption`] (sampler and parser), [`mod@score`] (the
+//! scorer), [`mod@report`] (aggregation, chance), [`mod@dataset`] (`captions.jsonl` + clips on
+//! disk), [`mod@perturb`] (blur, noise, null clips for the gates), [`mod@bench`] (throughput).
 
 pub mod bench;
 pub mod caption;
@@ -32,7 +32,10 @@ pub mod score;
 pub mod split;
 
 pub use caption::{caption, parse_caption, Attribute, ParsedCaption, ParsedObject};
-pub use dataset::{clip_id, export, read_records, report, sample_clip, score_dir, ClipFormat, ClipRecord, ScoredClip};
+pub use dataset::{
+    clip_id, export, read_records, report, sample_clip, score_dir, ClipFormat, ClipRecord,
+    ScoredClip,
+};
 pub use error::{Error, Result};
 pub use render::{render, render_at, RenderOpts};
 pub use report::{ChanceModel, GroupSummary, Report};

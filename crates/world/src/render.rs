@@ -39,14 +39,23 @@ impl RenderOpts {
         if self.width == 0 || self.height == 0 || self.width > 8192 || self.height > 8192 {
             return Err(Error::invalid(
                 "width/height",
-                format!("expected 1..=8192 pixels, found {}x{}", self.width, self.height),
+                format!(
+                    "expected 1..=8192 pixels, found {}x{}",
+                    self.width, self.height
+                ),
             ));
         }
         if self.frames == 0 || self.frames > 10_000 {
-            return Err(Error::invalid("frames", format!("expected 1..=10000, found {}", self.frames)));
+            return Err(Error::invalid(
+                "frames",
+                format!("expected 1..=10000, found {}", self.frames),
+            ));
         }
         if !(self.fps.is_finite() && self.fps > 0.0) {
-            return Err(Error::invalid("fps", format!("expected a positive number, found {}", self.fps)));
+            return Err(Error::invalid(
+                "fps",
+                format!("expected a positive number, found {}", self.fps),
+            ));
         }
         Ok(())
     }
@@ -60,7 +69,15 @@ impl RenderOpts {
 /// Renders every frame of `scene`: `opts.frames` frames of `width * height * 3` RGB8 bytes.
 pub fn render(scene: &Scene, opts: RenderOpts) -> Vec<Vec<u8>> {
     (0..opts.frames)
-        .map(|k| render_at(scene, opts.width, opts.height, k as f64 / opts.fps as f64, opts.antialias))
+        .map(|k| {
+            render_at(
+                scene,
+                opts.width,
+                opts.height,
+                k as f64 / opts.fps as f64,
+                opts.antialias,
+            )
+        })
         .collect()
 }
 
@@ -177,7 +194,10 @@ mod tests {
                 .map(|p| (p[2] as f64 - bg[2] as f64) / (fg[2] as f64 - bg[2] as f64))
                 .sum();
             let want = shape.area(0.14 * 64.0);
-            assert!((area - want).abs() < 0.02 * want, "{shape}: {area} vs {want}");
+            assert!(
+                (area - want).abs() < 0.02 * want,
+                "{shape}: {area} vs {want}"
+            );
         }
     }
 
@@ -185,8 +205,21 @@ mod tests {
     fn motion_is_the_same_at_any_frame_rate() {
         let mut s = one(Shape::Circle, Motion::Left, Some(Speed::Fast));
         s.objects[0].x0 = 0.7;
-        let a = render(&s, RenderOpts { fps: 8.0, ..Default::default() });
-        let b = render(&s, RenderOpts { fps: 24.0, frames: 49, ..Default::default() });
+        let a = render(
+            &s,
+            RenderOpts {
+                fps: 8.0,
+                ..Default::default()
+            },
+        );
+        let b = render(
+            &s,
+            RenderOpts {
+                fps: 24.0,
+                frames: 49,
+                ..Default::default()
+            },
+        );
         assert_eq!(a.len(), 17);
         for k in 0..17 {
             assert_eq!(a[k], b[3 * k], "frame {k}");
@@ -209,9 +242,19 @@ mod tests {
     #[test]
     fn validate_rejects_bad_options() {
         assert!(RenderOpts::default().validate().is_ok());
-        let e = RenderOpts { fps: 0.0, ..Default::default() }.validate().unwrap_err();
+        let e = RenderOpts {
+            fps: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.to_string().contains("fps"), "{e}");
-        let e = RenderOpts { width: 0, ..Default::default() }.validate().unwrap_err();
+        let e = RenderOpts {
+            width: 0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.to_string().contains("0x64"), "{e}");
     }
 }

@@ -50,7 +50,11 @@ fn pool(split: Split) -> &'static [Scene] {
     let pools = POOLS.get_or_init(|| {
         Split::ALL
             .iter()
-            .map(|&s| (0..CHANCE_POOL as u64).map(|i| sample_scene(s, &mut clip_rng(s, CHANCE_SEED, i))).collect())
+            .map(|&s| {
+                (0..CHANCE_POOL as u64)
+                    .map(|i| sample_scene(s, &mut clip_rng(s, CHANCE_SEED, i)))
+                    .collect()
+            })
             .collect()
     });
     &pools[Split::ALL.iter().position(|&s| s == split).unwrap_or(0)]
@@ -58,7 +62,11 @@ fn pool(split: Split) -> &'static [Scene] {
 
 impl ChanceModel {
     /// Expected tallies (correct = expectation, total = the judgements made) for one clip.
-    pub fn expected(caption: &ParsedCaption, split: Option<Split>, motion_judged: bool) -> Attrs<Tally> {
+    pub fn expected(
+        caption: &ParsedCaption,
+        split: Option<Split>,
+        motion_judged: bool,
+    ) -> Attrs<Tally> {
         let scenes = pool(split.unwrap_or(Split::Train));
         let mut acc = Attrs::<Tally>::default();
         for s in scenes {
@@ -104,7 +112,13 @@ struct Group {
 }
 
 impl Group {
-    fn add(&mut self, caption: &ParsedCaption, score: &ClipScore, chance: &Attrs<Tally>, gt: Option<&ClipScore>) {
+    fn add(
+        &mut self,
+        caption: &ParsedCaption,
+        score: &ClipScore,
+        chance: &Attrs<Tally>,
+        gt: Option<&ClipScore>,
+    ) {
         self.n += 1;
         self.acc.merge(&score.tally());
         self.chance.merge(chance);
@@ -180,11 +194,25 @@ impl Report {
 
     /// Adds one clip: its split (if known), caption, score, and optionally the score of the
     /// aliased ground-truth render of its scene (for the jerk ratio).
-    pub fn add(&mut self, split: Option<Split>, caption: &ParsedCaption, score: &ClipScore, ground_truth: Option<&ClipScore>) {
+    pub fn add(
+        &mut self,
+        split: Option<Split>,
+        caption: &ParsedCaption,
+        score: &ClipScore,
+        ground_truth: Option<&ClipScore>,
+    ) {
         let chance = ChanceModel::expected(caption, split, score.frames >= 2);
-        self.groups.entry("all".into()).or_default().add(caption, score, &chance, ground_truth);
+        self.groups
+            .entry("all".into())
+            .or_default()
+            .add(caption, score, &chance, ground_truth);
         if let Some(s) = split {
-            self.groups.entry(s.name().into()).or_default().add(caption, score, &chance, ground_truth);
+            self.groups.entry(s.name().into()).or_default().add(
+                caption,
+                score,
+                &chance,
+                ground_truth,
+            );
         }
     }
 
@@ -199,11 +227,19 @@ impl Report {
 
     /// The report: group name (`all`, `train`, `val-iid`, `val-comp`) to its summary.
     pub fn summary(&self) -> BTreeMap<String, GroupSummary> {
-        self.groups.iter().map(|(k, g)| (k.clone(), g.summary())).collect()
+        self.groups
+            .iter()
+            .map(|(k, g)| (k.clone(), g.summary()))
+            .collect()
     }
 
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self.summary()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The report as pretty JSON, keys in the documented order.
+    pub fn to_json_pretty(&self) -> String {
+        serde_json::to_string_pretty(&self.summary()).unwrap_or_else(|_| "null".into())
     }
 
     /// A text table of the same numbers as the JSON report: per group one accuracy row and one

@@ -225,7 +225,10 @@ impl Object {
         let s = self.size.radius() + other.size.radius() + 2.0 * OVERLAP_MARGIN;
         let (v1, v2) = (self.velocity(), other.velocity());
         // Relative position d(t) = d0 + v t on each axis; overlap on an axis iff |d(t)| < s.
-        let axes = [(other.x0 - self.x0, v2.0 - v1.0), (other.y0 - self.y0, v2.1 - v1.1)];
+        let axes = [
+            (other.x0 - self.x0, v2.0 - v1.0),
+            (other.y0 - self.y0, v2.1 - v1.1),
+        ];
         let (mut lo, mut hi) = (0.0f64, duration);
         for (d0, v) in axes {
             if v.abs() < 1e-12 {
@@ -294,7 +297,11 @@ mod tests {
                 }
             }
             let area = 4.0 * inside as f64 / (n * n) as f64;
-            assert!((area - s.area(r)).abs() < 0.02, "{s}: {area} vs {}", s.area(r));
+            assert!(
+                (area - s.area(r)).abs() < 0.02,
+                "{s}: {area} vs {}",
+                s.area(r)
+            );
         }
     }
 

@@ -9,12 +9,14 @@
 //!    components per colour; components under 6 pixels at 64x64 (scaled with W*H) are dropped.
 //!    Blurred and anti-aliased edges mix an object with the background, and such a mixture can
 //!    sit nearer another palette colour (70% orange over black is within 80 of red): a component
-//!    that is mostly such a rim — at least half of its pixels touch a larger component of
-//!    another colour — is merged into that component (see [`merge_rims`]).
-//! 3. Per component: area (pixels), centroid (mean pixel centre), bounding box; shape by the best
-//!    IoU against this renderer's aliased templates centred on the bounding box, at the
-//!    component's size (half-extent from the bounding box, and from the area; the better of the
-//!    two counts).
+//!    that is such a rim is merged into the component it surrounds (see `merge_rims`).
+//! 3. Per component: area, centroid and bounding box, measured on the component's extent at half
+//!    coverage (its pixels plus those within 2 px that are at least half way from the background
+//!    to its colour; identical to the component on clean aliased renders, and where a blurred
+//!    or anti-aliased edge truly lies — the 80-distance rule alone puts white-on-black edges at
+//!    80% coverage, which rounds small squares into circles); shape by the best IoU against this
+//!    renderer's aliased templates centred on the bounding box, with the half-extent the bounding
+//!    box gives (the component's size).
 //! 4. Tracking per colour: components link to the nearest live track of their colour (greedy by
 //!    distance) within 0.1 of the frame per frame elapsed (times 8/fps below 8 fps), across gaps
 //!    of up to 3 frames; unlinked components start tracks. A track's shape is the majority of
@@ -30,7 +32,9 @@
 //!    stated attributes, then the longest); an unmatched object gets every stated attribute wrong.
 
 use crate::caption::{ParsedCaption, ParsedObject};
-use crate::scene::{dist2, Background, Colour, Motion, Shape, Size, Speed, BACKGROUND_RGB, OBJECT_RGB, REF_FPS};
+use crate::scene::{
+    dist2, Background, Colour, Motion, Shape, Size, Speed, BACKGROUND_RGB, OBJECT_RGB, REF_FPS,
+};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -91,10 +95,26 @@ pub struct Attrs<T> {
 
 impl<T> Attrs<T> {
     /// The attribute names in report order.
-    pub const NAMES: [&'static str; 7] = ["colour", "shape", "size", "motion", "speed", "background", "count"];
+    pub const NAMES: [&'static str; 7] = [
+        "colour",
+        "shape",
+        "size",
+        "motion",
+        "speed",
+        "background",
+        "count",
+    ];
 
     pub fn as_array(&self) -> [&T; 7] {
-        [&self.colour, &self.shape, &self.size, &self.motion, &self.speed, &self.background, &self.count]
+        [
+            &self.colour,
+            &self.shape,
+            &self.size,
+            &self.motion,
+            &self.speed,
+            &self.background,
+            &self.count,
+        ]
     }
 
     pub fn map<U>(&self, f: impl Fn(&T) -> U) -> Attrs<U> {
@@ -270,11 +290,17 @@ impl ClipScore {
 
     /// Whether every stated attribute (and the count) is right.
     pub fn all_correct(&self) -> bool {
-        self.count_ok && self.background_ok != Some(false) && self.objects.iter().all(ObjectScore::all_correct)
+        self.count_ok
+            && self.background_ok != Some(false)
+            && self.objects.iter().all(ObjectScore::all_correct)
     }
 }
 
-pub(crate) fn tally(objects: &[ObjectScore], background_ok: Option<bool>, count_ok: bool) -> Attrs<Tally> {
+pub(crate) fn tally(
+    objects: &[ObjectScore],
+    background_ok: Option<bool>,
+    count_ok: bool,
+) -> Attrs<Tally> {
     let mut t = Attrs::<Tally>::default();
     for o in objects {
         t.colour.add(Some(o.colour));
@@ -291,7 +317,11 @@ pub(crate) fn tally(objects: &[ObjectScore], background_ok: Option<bool>, count_
 /// Judges each caption object against recovered objects (in order of preference), greedily in
 /// caption order: an object matches an unused recovered object of its colour, preferring the one
 /// agreeing on most stated attributes, then the earliest.
-pub fn judge_objects(caption: &ParsedCaption, recovered: &[Recovered], motion_judged: bool) -> Vec<ObjectScore> {
+pub fn judge_objects(
+    caption: &ParsedCaption,
+    recovered: &[Recovered],
+    motion_judged: bool,
+) -> Vec<ObjectScore> {
     let mut used = vec![false; recovered.len()];
     caption
         .objects
@@ -318,22 +348,32 @@ pub fn judge_objects(caption: &ParsedCaption, recovered: &[Recovered], motion_ju
                 used[i] = true;
             }
             let r = m.map(|i| &recovered[i]);
-            let judge = |stated: bool, ok: &dyn Fn(&Recovered) -> bool| stated.then(|| r.is_some_and(ok));
+            let judge =
+                |stated: bool, ok: &dyn Fn(&Recovered) -> bool| stated.then(|| r.is_some_and(ok));
             ObjectScore {
                 stated: *p,
                 matched: m,
                 colour: r.is_some(),
                 shape: r.is_some_and(|r| r.shape == p.shape),
                 size: p.size.and_then(|s| judge(true, &|r| r.size == s)),
-                motion: p.motion.and_then(|mo| judge(motion_judged, &|r| r.motion == mo)),
-                speed: p.speed.and_then(|s| judge(motion_judged, &|r| r.speed == Some(s))),
+                motion: p
+                    .motion
+                    .and_then(|mo| judge(motion_judged, &|r| r.motion == mo)),
+                speed: p
+                    .speed
+                    .and_then(|s| judge(motion_judged, &|r| r.speed == Some(s))),
             }
         })
         .collect()
 }
 
 /// Scores a clip at the reference 8 fps. See [`score_clip_at`].
-pub fn score_clip(frames: &[Vec<u8>], width: usize, height: usize, caption: &ParsedCaption) -> Result<ClipScore> {
+pub fn score_clip(
+    frames: &[Vec<u8>],
+    width: usize,
+    height: usize,
+    caption: &ParsedCaption,
+) -> Result<ClipScore> {
     score_clip_at(frames, width, height, REF_FPS as f32, caption)
 }
 
@@ -347,19 +387,32 @@ pub fn score_clip_at(
     caption: &ParsedCaption,
 ) -> Result<ClipScore> {
     if frames.is_empty() {
-        return Err(Error::invalid("frames", "expected at least one frame, found none"));
+        return Err(Error::invalid(
+            "frames",
+            "expected at least one frame, found none",
+        ));
     }
     if width == 0 || height == 0 {
-        return Err(Error::invalid("width/height", format!("expected positive sizes, found {width}x{height}")));
+        return Err(Error::invalid(
+            "width/height",
+            format!("expected positive sizes, found {width}x{height}"),
+        ));
     }
     if !(fps.is_finite() && fps > 0.0) {
-        return Err(Error::invalid("fps", format!("expected a positive number, found {fps}")));
+        return Err(Error::invalid(
+            "fps",
+            format!("expected a positive number, found {fps}"),
+        ));
     }
     for (k, f) in frames.iter().enumerate() {
         if f.len() != width * height * 3 {
             return Err(Error::invalid(
                 "frames",
-                format!("frame {k} has {} bytes, expected {width}x{height}x3 = {}", f.len(), width * height * 3),
+                format!(
+                    "frame {k} has {} bytes, expected {width}x{height}x3 = {}",
+                    f.len(),
+                    width * height * 3
+                ),
             ));
         }
     }
@@ -394,8 +447,14 @@ pub fn score_clip_at(
     // Steps 4-5: tracks and their attributes.
     let mut tracks = track(&per_frame, width, height, fps);
     // Counted tracks first, longest first, so matching prefers them.
-    tracks.sort_by(|a, b| b.frames_present.cmp(&a.frames_present).then(b.median_area.total_cmp(&a.median_area)));
-    let counted: Vec<usize> = (0..tracks.len()).filter(|&i| 2 * tracks[i].frames_present >= n).collect();
+    tracks.sort_by(|a, b| {
+        b.frames_present
+            .cmp(&a.frames_present)
+            .then(b.median_area.total_cmp(&a.median_area))
+    });
+    let counted: Vec<usize> = (0..tracks.len())
+        .filter(|&i| 2 * tracks[i].frames_present >= n)
+        .collect();
     let recovered: Vec<Recovered> = counted.iter().map(|&i| tracks[i].recovered()).collect();
 
     // Step 6: judgements.
@@ -403,7 +462,10 @@ pub fn score_clip_at(
     for o in &mut objects {
         o.matched = o.matched.map(|i| counted[i]);
     }
-    let matched: Vec<&Track> = objects.iter().filter_map(|o| o.matched.map(|i| &tracks[i])).collect();
+    let matched: Vec<&Track> = objects
+        .iter()
+        .filter_map(|o| o.matched.map(|i| &tracks[i]))
+        .collect();
     let identity = matched.iter().map(|t| t.identity_consistency()).collect();
     let mut jerk = JerkStats::default();
     for t in &matched {
@@ -433,7 +495,11 @@ pub fn flicker(frames: &[Vec<u8>]) -> f64 {
     let mut sum = 0u64;
     let mut cnt = 0u64;
     for w in frames.windows(2) {
-        sum += w[0].iter().zip(&w[1]).map(|(&a, &b)| a.abs_diff(b) as u64).sum::<u64>();
+        sum += w[0]
+            .iter()
+            .zip(&w[1])
+            .map(|(&a, &b)| a.abs_diff(b) as u64)
+            .sum::<u64>();
         cnt += w[0].len() as u64;
     }
     if cnt == 0 {
@@ -455,15 +521,20 @@ fn recover_background(frames: &[Vec<u8>], pixels: usize) -> Background {
             for (k, f) in frames.iter().enumerate() {
                 buf[k] = f[p * 3 + c];
             }
-            let (lower, &mut upper, _) = buf.select_nth_unstable(n / 2);
-            *m = if n % 2 == 1 {
-                upper as f32
+            if n <= 64 {
+                insertion_sort(&mut buf);
             } else {
-                // The lower middle is the largest value below the upper one.
-                0.5 * (lower.iter().copied().max().unwrap_or(upper) as f32 + upper as f32)
+                buf.sort_unstable();
+            }
+            *m = if n % 2 == 1 {
+                buf[n / 2] as f32
+            } else {
+                0.5 * (buf[n / 2 - 1] as f32 + buf[n / 2] as f32)
             };
         }
-        let best = (0..4).min_by(|&a, &b| dist2(med, bgs[a]).total_cmp(&dist2(med, bgs[b]))).unwrap_or(0);
+        let best = (0..4)
+            .min_by(|&a, &b| dist2(med, bgs[a]).total_cmp(&dist2(med, bgs[b])))
+            .unwrap_or(0);
         votes[best] += 1;
     }
     let mut best = 0;
@@ -475,15 +546,35 @@ fn recover_background(frames: &[Vec<u8>], pixels: usize) -> Background {
     Background::ALL[best]
 }
 
+/// Sorts a short slice (cheaper than the general sort for a pixel's few frames).
+fn insertion_sort(v: &mut [u8]) {
+    for i in 1..v.len() {
+        let x = v[i];
+        let mut j = i;
+        while j > 0 && v[j - 1] > x {
+            v[j] = v[j - 1];
+            j -= 1;
+        }
+        v[j] = x;
+    }
+}
+
 const NONE: u8 = u8::MAX;
 
 /// Step 2: the object colour index of each pixel, or `NONE`.
 fn label_pixels(frame: &[u8], background: Background, labels: &mut [u8]) {
     let bg = background.rgb().map(|v| v as f32);
     let objs = OBJECT_RGB.map(|c| c.map(|v| v as f32));
-    let (max_obj, min_bg) = (MAX_OBJECT_DIST * MAX_OBJECT_DIST, MIN_BACKGROUND_DIST * MIN_BACKGROUND_DIST);
+    let (max_obj, min_bg) = (
+        MAX_OBJECT_DIST * MAX_OBJECT_DIST,
+        MIN_BACKGROUND_DIST * MIN_BACKGROUND_DIST,
+    );
     for (p, l) in labels.iter_mut().enumerate() {
-        let px = [frame[p * 3] as f32, frame[p * 3 + 1] as f32, frame[p * 3 + 2] as f32];
+        let px = [
+            frame[p * 3] as f32,
+            frame[p * 3 + 1] as f32,
+            frame[p * 3 + 2] as f32,
+        ];
         *l = NONE;
         if dist2(px, bg) <= min_bg {
             continue;
@@ -567,11 +658,20 @@ fn mixture(px: [f32; 3], bg: [f32; 3], c: [f32; 3]) -> (f32, f32) {
 /// way: they stay more than a pixel apart, share at most a short stretch of border, and are not
 /// mixtures of each other's colour with the background; nor do noise speckles, which are not
 /// such mixtures either.
-fn merge_rims(blobs: &mut Vec<Blob>, comp_of: &mut [u32], frame: &[u8], bg: [f32; 3], w: usize, h: usize) {
+fn merge_rims(
+    blobs: &mut Vec<Blob>,
+    comp_of: &mut [u32],
+    frame: &[u8],
+    bg: [f32; 3],
+    w: usize,
+    h: usize,
+) {
     loop {
         let mut changed = false;
         // Smallest first, so a rim joins its core before the core is considered.
-        let mut order: Vec<usize> = (0..blobs.len()).filter(|&b| !blobs[b].pixels.is_empty()).collect();
+        let mut order: Vec<usize> = (0..blobs.len())
+            .filter(|&b| !blobs[b].pixels.is_empty())
+            .collect();
         order.sort_by_key(|&b| blobs[b].pixels.len());
         for b in order {
             let size = blobs[b].pixels.len();
@@ -608,7 +708,10 @@ fn merge_rims(blobs: &mut Vec<Blob>, comp_of: &mut [u32], frame: &[u8], bg: [f32
                     }
                 }
             }
-            let Some(&(target, k)) = touch.iter().max_by_key(|t| (t.1, blobs[t.0 as usize].pixels.len())) else {
+            let Some(&(target, k)) = touch
+                .iter()
+                .max_by_key(|t| (t.1, blobs[t.0 as usize].pixels.len()))
+            else {
                 continue;
             };
             if 2 * k < size {
@@ -620,7 +723,11 @@ fn merge_rims(blobs: &mut Vec<Blob>, comp_of: &mut [u32], frame: &[u8], bg: [f32
                 .iter()
                 .filter(|&&p| {
                     let p = p as usize;
-                    let px = [frame[p * 3] as f32, frame[p * 3 + 1] as f32, frame[p * 3 + 2] as f32];
+                    let px = [
+                        frame[p * 3] as f32,
+                        frame[p * 3 + 1] as f32,
+                        frame[p * 3 + 2] as f32,
+                    ];
                     let (a, res) = mixture(px, bg, c);
                     a >= 0.2 && res <= RIM_RESIDUAL
                 })
@@ -722,7 +829,11 @@ impl Blob {
                 if owner[p] != u32::MAX {
                     continue;
                 }
-                let px = [frame[p * 3] as f32 - bg[0], frame[p * 3 + 1] as f32 - bg[1], frame[p * 3 + 2] as f32 - bg[2]];
+                let px = [
+                    frame[p * 3] as f32 - bg[0],
+                    frame[p * 3 + 1] as f32 - bg[1],
+                    frame[p * 3 + 2] as f32 - bg[2],
+                ];
                 let alpha = (px[0] * d[0] + px[1] * d[1] + px[2] * d[2]) / dd;
                 if alpha >= 0.5 {
                     owner[p] = id;
@@ -748,7 +859,14 @@ impl Blob {
 fn measure(colour: u8, mask: &[u32], owner: &[u32], w: usize, h: usize) -> Component {
     let colour = Colour::ALL[colour as usize];
     let Some(&first) = mask.first() else {
-        return Component { colour, area: 0, cx: 0.0, cy: 0.0, shape: Shape::Circle, iou: 0.0 };
+        return Component {
+            colour,
+            area: 0,
+            cx: 0.0,
+            cy: 0.0,
+            shape: Shape::Circle,
+            iou: 0.0,
+        };
     };
     let id = owner[first as usize];
     let (mut sx, mut sy) = (0.0, 0.0);
@@ -771,7 +889,14 @@ fn measure(colour: u8, mask: &[u32], owner: &[u32], w: usize, h: usize) -> Compo
             best = (s, iou);
         }
     }
-    Component { colour, area, cx, cy, shape: best.0, iou: best.1 }
+    Component {
+        colour,
+        area,
+        cx,
+        cy,
+        shape: best.0,
+        iou: best.1,
+    }
 }
 
 /// IoU between blob `id` and the aliased template of `shape` at (tx, ty) with half-extent r.
@@ -820,7 +945,10 @@ fn track(per_frame: &[Vec<Component>], w: usize, h: usize, fps: f32) -> Vec<Trac
     let gate = TRACK_GATE * (REF_FPS / fps as f64).max(1.0);
     let mut live: Vec<Live> = Vec::new();
     for (f, comps) in per_frame.iter().enumerate() {
-        let pos: Vec<(f64, f64)> = comps.iter().map(|c| (c.cx / w as f64, c.cy / h as f64)).collect();
+        let pos: Vec<(f64, f64)> = comps
+            .iter()
+            .map(|c| (c.cx / w as f64, c.cy / h as f64))
+            .collect();
         let mut pairs: Vec<(f64, usize, usize)> = Vec::new();
         for (t, l) in live.iter().enumerate() {
             let gap = f - l.last_frame;
@@ -854,16 +982,25 @@ fn track(per_frame: &[Vec<Component>], w: usize, h: usize, fps: f32) -> Vec<Trac
             if !c_used[c] {
                 let mut obs = vec![None; n];
                 obs[f] = Some(comp.clone());
-                live.push(Live { colour: comp.colour, last: pos[c], last_frame: f, obs });
+                live.push(Live {
+                    colour: comp.colour,
+                    last: pos[c],
+                    last_frame: f,
+                    obs,
+                });
             }
         }
     }
-    live.into_iter().map(|l| summarise(l.colour, l.obs, w, h, fps)).collect()
+    live.into_iter()
+        .map(|l| summarise(l.colour, l.obs, w, h, fps))
+        .collect()
 }
 
 fn summarise(colour: Colour, obs: Vec<Option<Component>>, w: usize, h: usize, fps: f32) -> Track {
-    let centroids: Vec<Option<(f64, f64)>> =
-        obs.iter().map(|o| o.as_ref().map(|c| (c.cx / w as f64, c.cy / h as f64))).collect();
+    let centroids: Vec<Option<(f64, f64)>> = obs
+        .iter()
+        .map(|o| o.as_ref().map(|c| (c.cx / w as f64, c.cy / h as f64)))
+        .collect();
     let areas: Vec<Option<usize>> = obs.iter().map(|o| o.as_ref().map(|c| c.area)).collect();
     let shapes: Vec<Option<Shape>> = obs.iter().map(|o| o.as_ref().map(|c| c.shape)).collect();
     let present: Vec<&Component> = obs.iter().flatten().collect();
@@ -888,8 +1025,13 @@ fn summarise(colour: Colour, obs: Vec<Option<Component>>, w: usize, h: usize, fp
         k => 0.5 * (a[k / 2 - 1] + a[k / 2]),
     };
     let unit = w.min(h) as f64;
-    let threshold = 0.5 * (shape.area(Size::Small.radius() * unit) + shape.area(Size::Large.radius() * unit));
-    let size = if median_area > threshold { Size::Large } else { Size::Small };
+    let threshold =
+        0.5 * (shape.area(Size::Small.radius() * unit) + shape.area(Size::Large.radius() * unit));
+    let size = if median_area > threshold {
+        Size::Large
+    } else {
+        Size::Small
+    };
     let (motion, speed) = motion_of(&centroids, fps);
     Track {
         colour,
@@ -907,8 +1049,11 @@ fn summarise(colour: Colour, obs: Vec<Option<Component>>, w: usize, h: usize, fp
 
 /// Step 5: motion from the first-to-last displacement, speed from the fitted slope.
 fn motion_of(centroids: &[Option<(f64, f64)>], fps: f32) -> (Motion, Option<Speed>) {
-    let pts: Vec<(f64, (f64, f64))> =
-        centroids.iter().enumerate().filter_map(|(f, c)| c.map(|c| (f as f64, c))).collect();
+    let pts: Vec<(f64, (f64, f64))> = centroids
+        .iter()
+        .enumerate()
+        .filter_map(|(f, c)| c.map(|c| (f as f64, c)))
+        .collect();
     let (Some(first), Some(last)) = (pts.first(), pts.last()) else {
         return (Motion::Still, None);
     };
@@ -934,6 +1079,227 @@ fn motion_of(centroids: &[Option<(f64, f64)>], fps: f32) -> (Motion, Option<Spee
         den += (p.0 - mt).powi(2);
     }
     let per_frame_at_8 = (num / den).abs() * fps as f64 / REF_FPS;
-    let speed = if per_frame_at_8 > SPEED_THRESHOLD { Speed::Fast } else { Speed::Slow };
+    let speed = if per_frame_at_8 > SPEED_THRESHOLD {
+        Speed::Fast
+    } else {
+        Speed::Slow
+    };
     (motion, Some(speed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::caption::parse_caption;
+    use crate::render::{render, RenderOpts};
+    use crate::scene::{Object, Scene};
+
+    fn obj(
+        shape: Shape,
+        colour: Colour,
+        size: Size,
+        motion: Motion,
+        speed: Option<Speed>,
+        x0: f64,
+        y0: f64,
+    ) -> Object {
+        Object {
+            shape,
+            colour,
+            size,
+            motion,
+            speed,
+            x0,
+            y0,
+        }
+    }
+
+    fn scene() -> Scene {
+        Scene {
+            background: Background::Brown,
+            objects: vec![
+                obj(
+                    Shape::Cross,
+                    Colour::Orange,
+                    Size::Large,
+                    Motion::Down,
+                    Some(Speed::Slow),
+                    0.25,
+                    0.2,
+                ),
+                obj(
+                    Shape::Triangle,
+                    Colour::Cyan,
+                    Size::Small,
+                    Motion::Left,
+                    Some(Speed::Fast),
+                    0.85,
+                    0.75,
+                ),
+            ],
+        }
+    }
+
+    const CAPTION: &str = "a large orange cross moving slowly down and a small cyan triangle going quickly left on a brown background";
+
+    #[test]
+    fn recovers_a_known_scene_at_any_frame_rate() {
+        let cap = parse_caption(CAPTION).unwrap();
+        for (fps, frames) in [(8.0, 17), (24.0, 49), (4.0, 9)] {
+            let opts = RenderOpts {
+                width: 64,
+                height: 96,
+                frames,
+                fps,
+                antialias: false,
+            };
+            let s = score_clip_at(&render(&scene(), opts), 64, 96, fps, &cap).unwrap();
+            assert!(s.all_correct(), "{fps} fps: {s:#?}");
+            assert_eq!(s.count, 2);
+            assert_eq!(s.background, Background::Brown);
+            let t = &s.tracks[s.objects[0].matched.unwrap()];
+            assert_eq!(
+                (t.shape, t.size, t.motion, t.speed),
+                (Shape::Cross, Size::Large, Motion::Down, Some(Speed::Slow))
+            );
+            assert_eq!(t.frames_present, frames);
+            // Slow: 0.012 of the height per frame at 8 fps over 2 s = 0.192.
+            let (first, last) = (t.centroids[0].unwrap(), t.centroids[frames - 1].unwrap());
+            assert!(
+                (last.1 - first.1 - 0.192).abs() < 0.01,
+                "{first:?} {last:?}"
+            );
+        }
+        // The same clip declared at the wrong rate reads as the wrong speed: at 4 fps the fast
+        // triangle moves 0.0125 per frame at 8 fps.
+        let opts = RenderOpts {
+            width: 64,
+            height: 96,
+            ..Default::default()
+        };
+        let s = score_clip_at(&render(&scene(), opts), 64, 96, 4.0, &cap).unwrap();
+        assert_eq!(s.objects[1].speed, Some(false));
+        assert_eq!(s.objects[0].speed, Some(true), "slow stays slow");
+    }
+
+    #[test]
+    fn judges_only_stated_attributes_and_catches_wrong_ones() {
+        let opts = RenderOpts::default();
+        let frames = render(&scene(), opts);
+        let cap = parse_caption("a purple cross and a small cyan square moving right").unwrap();
+        let s = score_clip(&frames, 64, 64, &cap).unwrap();
+        let (a, b) = (&s.objects[0], &s.objects[1]);
+        assert!(!a.colour && !a.shape && a.matched.is_none());
+        assert_eq!((a.size, a.motion, a.speed), (None, None, None));
+        assert!(b.colour && !b.shape);
+        assert_eq!((b.size, b.motion, b.speed), (Some(true), Some(false), None));
+        assert_eq!(s.background_ok, None);
+        assert!(s.count_ok);
+        let t = s.tally();
+        assert_eq!((t.colour.correct, t.colour.total), (1.0, 2.0));
+        assert_eq!((t.motion.correct, t.motion.total), (0.0, 1.0));
+        assert_eq!(t.background.total, 0.0);
+        assert!(!s.all_correct());
+
+        // A frozen video: every object still, so stated motions are wrong.
+        let frozen = vec![frames[0].clone(); 17];
+        let s = score_clip(&frozen, 64, 64, &parse_caption(CAPTION).unwrap()).unwrap();
+        assert_eq!(s.objects[0].motion, Some(false));
+        assert_eq!(s.objects[1].speed, Some(false));
+        assert!(s.objects[0].shape && s.count_ok);
+        assert!(s.jerk.sum_sq < 1e-20, "{:?}", s.jerk);
+    }
+
+    #[test]
+    fn same_colour_objects_match_distinct_tracks() {
+        let sc = Scene {
+            background: Background::Black,
+            objects: vec![
+                obj(
+                    Shape::Square,
+                    Colour::Red,
+                    Size::Large,
+                    Motion::Still,
+                    None,
+                    0.25,
+                    0.3,
+                ),
+                obj(
+                    Shape::Circle,
+                    Colour::Red,
+                    Size::Small,
+                    Motion::Still,
+                    None,
+                    0.75,
+                    0.7,
+                ),
+            ],
+        };
+        let frames = render(&sc, RenderOpts::default());
+        let cap =
+            parse_caption("a small red circle resting and a large red square resting").unwrap();
+        let s = score_clip(&frames, 64, 64, &cap).unwrap();
+        assert!(s.all_correct(), "{s:#?}");
+        assert_ne!(s.objects[0].matched, s.objects[1].matched);
+        assert_eq!(s.flicker, Some(1.0));
+        // One caption object for two tracks: the count is wrong.
+        let s = score_clip(&frames, 64, 64, &parse_caption("a red circle").unwrap()).unwrap();
+        assert!(s.objects[0].shape && !s.count_ok);
+    }
+
+    #[test]
+    fn flicker_and_jerk() {
+        let a = vec![0u8; 12];
+        let b = vec![51u8; 12];
+        // Mean |diff| 51 between every consecutive pair: (255 - 51) / 255 = 0.8.
+        assert!((flicker(&[a.clone(), b.clone(), a]) - 0.8).abs() < 1e-12);
+        let t = Track {
+            colour: Colour::Red,
+            centroids: vec![
+                Some((0.0, 0.0)),
+                Some((0.1, 0.0)),
+                Some((0.2, 0.0)),
+                Some((0.4, 0.0)),
+                None,
+            ],
+            areas: vec![Some(10), Some(11), Some(13), Some(9), None],
+            shapes: vec![
+                Some(Shape::Square),
+                Some(Shape::Square),
+                Some(Shape::Square),
+                Some(Shape::Circle),
+                None,
+            ],
+            frames_present: 4,
+            shape: Shape::Square,
+            median_area: 10.0,
+            size: Size::Small,
+            motion: Motion::Right,
+            speed: Some(Speed::Fast),
+        };
+        // Third difference 0.4 - 3*0.2 + 3*0.1 - 0 = 0.1 over the one full window.
+        let j = t.jerk();
+        assert_eq!(j.n, 1);
+        assert!((j.sum_sq - 0.01).abs() < 1e-12);
+        // Frames 0 and 1 keep shape and area (13 is 30% off, frame 3 changes shape, 4 is absent).
+        assert!((t.identity_consistency() - 0.4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        let cap = parse_caption("a red circle").unwrap();
+        let e = score_clip(&[], 64, 64, &cap).unwrap_err().to_string();
+        assert!(e.contains("no"), "{e}");
+        let e = score_clip(&[vec![0; 10]], 64, 64, &cap)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("frame 0 has 10 bytes") && e.contains("12288"),
+            "{e}"
+        );
+        let e = score_clip_at(&[vec![0; 12]], 2, 2, 0.0, &cap)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fps"), "{e}");
+    }
 }

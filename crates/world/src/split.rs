@@ -14,6 +14,10 @@
 //! and is redrawn until its grown bounding box never meets the first's over the clip; start
 //! positions are uniform (to six decimals) over the positions whose whole path stays inside the
 //! frame; a `val-comp` scene without a held-out object is redrawn whole.
+//!
+//! Seeding: clip i of a split under seed S comes from [`clip_rng`]`(split, S, i)` alone, so the
+//! canonical validation sets are simply seed 0 (`vdit world sample --split val-iid --seed 0`),
+//! and the first N clips are the same whatever count is asked for.
 
 use crate::scene::{
     Background, Colour, Motion, Object, Scene, Shape, Size, Speed, DEFAULT_DURATION,
@@ -45,9 +49,15 @@ impl Split {
 
     /// Whether a scene belongs to this split under the spec's rules.
     pub fn admits(self, scene: &Scene) -> bool {
-        let classes = scene.objects.iter().map(|o| PairClass::of(o.shape, o.colour, o.motion));
+        let classes = scene
+            .objects
+            .iter()
+            .map(|o| PairClass::of(o.shape, o.colour, o.motion));
         match self {
-            Split::Train | Split::ValIid => { let mut cl = classes; cl.all(|c| c == PairClass::Allowed) },
+            Split::Train | Split::ValIid => {
+                let mut cl = classes;
+                cl.all(|c| c == PairClass::Allowed)
+            }
             Split::ValComp => {
                 let cs: Vec<PairClass> = classes.collect();
                 cs.iter().all(|&c| c != PairClass::Reserved) && cs.contains(&PairClass::HeldOut)
@@ -83,9 +93,16 @@ impl std::fmt::Display for Split {
 impl std::str::FromStr for Split {
     type Err = crate::Error;
     fn from_str(s: &str) -> crate::Result<Self> {
-        Split::ALL.iter().copied().find(|x| x.name() == s).ok_or_else(|| {
-            crate::Error::invalid("split", format!("expected train, val-iid or val-comp, found {s:?}"))
-        })
+        Split::ALL
+            .iter()
+            .copied()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| {
+                crate::Error::invalid(
+                    "split",
+                    format!("expected train, val-iid or val-comp, found {s:?}"),
+                )
+            })
     }
 }
 
@@ -102,7 +119,11 @@ pub enum PairClass {
 
 impl PairClass {
     pub fn of(shape: Shape, colour: Colour, motion: Motion) -> Self {
-        let (s, c, m) = (shape.index() as i64, colour.index() as i64, motion.index() as i64);
+        let (s, c, m) = (
+            shape.index() as i64,
+            colour.index() as i64,
+            motion.index() as i64,
+        );
         let sc = (c - 2 * s).rem_euclid(8);
         let cm = (c + m).rem_euclid(8);
         if sc == 4 || cm == 7 {
@@ -136,7 +157,11 @@ pub const MAX_DURATION: f64 = (1.0 - 2.0 * 0.14) / 0.2;
 /// A scene of `split` whose objects stay inside the frame and apart for `duration` seconds
 /// (clamped to [0, MAX_DURATION]).
 pub fn sample_scene_for<R: Rng + ?Sized>(split: Split, duration: f64, rng: &mut R) -> Scene {
-    let duration = if duration.is_finite() { duration.clamp(0.0, MAX_DURATION) } else { DEFAULT_DURATION };
+    let duration = if duration.is_finite() {
+        duration.clamp(0.0, MAX_DURATION)
+    } else {
+        DEFAULT_DURATION
+    };
     loop {
         let background = Background::ALL[rng.random_range(0..Background::ALL.len())];
         let count = if rng.random_bool(0.5) { 1 } else { 2 };
@@ -159,7 +184,10 @@ pub fn sample_scene_for<R: Rng + ?Sized>(split: Split, duration: f64, rng: &mut 
                 objects.push(p);
             }
         }
-        let scene = Scene { background, objects };
+        let scene = Scene {
+            background,
+            objects,
+        };
         if split.admits(&scene) {
             return scene;
         }
@@ -173,11 +201,20 @@ fn sample_object<R: Rng + ?Sized>(split: Split, duration: f64, rng: &mut R) -> O
         let colour = Colour::ALL[rng.random_range(0..Colour::ALL.len())];
         let size = Size::ALL[rng.random_range(0..Size::ALL.len())];
         let motion = Motion::ALL[rng.random_range(0..Motion::ALL.len())];
-        let speed = (motion != Motion::Still).then(|| Speed::ALL[rng.random_range(0..Speed::ALL.len())]);
+        let speed =
+            (motion != Motion::Still).then(|| Speed::ALL[rng.random_range(0..Speed::ALL.len())]);
         if !split.admits_object(PairClass::of(shape, colour, motion)) {
             continue;
         }
-        let o = Object { shape, colour, size, motion, speed, x0: 0.5, y0: 0.5 };
+        let o = Object {
+            shape,
+            colour,
+            size,
+            motion,
+            speed,
+            x0: 0.5,
+            y0: 0.5,
+        };
         return place(o, duration, rng);
     }
 }
@@ -195,7 +232,11 @@ fn place<R: Rng + ?Sized>(mut o: Object, duration: f64, rng: &mut R) -> Object {
         let lo = r - travel.min(0.0);
         let hi = 1.0 - r - travel.max(0.0);
         // Feasible for every kind at duration <= MAX_DURATION; guard rounding anyway.
-        let v = if hi > lo { rng.random_range(lo..hi) } else { 0.5 * (lo + hi) };
+        let v = if hi > lo {
+            rng.random_range(lo..hi)
+        } else {
+            0.5 * (lo + hi)
+        };
         // Six decimals, rounded inwards: `captions.jsonl` then carries the exact value (a short
         // decimal parses back to the same f64), so independent renderers agree to the bit.
         let q = (v * POSITION_SCALE).round() / POSITION_SCALE;
@@ -221,10 +262,32 @@ mod tests {
         use Colour::*;
         use Motion::*;
         use Shape::*;
-        let held_sc = [(Circle, Red), (Square, Yellow), (Triangle, Cyan), (Cross, Purple)];
-        let res_sc = [(Circle, Cyan), (Square, Purple), (Triangle, Red), (Cross, Yellow)];
-        let held_cm = [(Green, Still), (Yellow, Left), (Orange, Right), (Red, Up), (White, Down)];
-        let res_cm = [(White, Still), (Purple, Left), (Blue, Right), (Cyan, Up), (Green, Down)];
+        let held_sc = [
+            (Circle, Red),
+            (Square, Yellow),
+            (Triangle, Cyan),
+            (Cross, Purple),
+        ];
+        let res_sc = [
+            (Circle, Cyan),
+            (Square, Purple),
+            (Triangle, Red),
+            (Cross, Yellow),
+        ];
+        let held_cm = [
+            (Green, Still),
+            (Yellow, Left),
+            (Orange, Right),
+            (Red, Up),
+            (White, Down),
+        ];
+        let res_cm = [
+            (White, Still),
+            (Purple, Left),
+            (Blue, Right),
+            (Cyan, Up),
+            (Green, Down),
+        ];
         for &s in Shape::ALL {
             for &c in Colour::ALL {
                 for &m in Motion::ALL {
@@ -250,17 +313,27 @@ mod tests {
     fn splits_hold_over_100k_samples() {
         let mut seen_sc = std::collections::HashSet::new();
         let mut seen_cm = std::collections::HashSet::new();
-        for (split, n) in [(Split::Train, 100_000u64), (Split::ValIid, 20_000), (Split::ValComp, 20_000)] {
+        for (split, n) in [
+            (Split::Train, 100_000u64),
+            (Split::ValIid, 20_000),
+            (Split::ValComp, 20_000),
+        ] {
             let mut two = 0;
             for i in 0..n {
                 let scene = sample_scene(split, &mut clip_rng(split, 7, i));
                 assert!(split.admits(&scene), "{split} #{i}: {scene:?}");
                 assert!(matches!(scene.objects.len(), 1 | 2));
-                let classes: Vec<PairClass> =
-                    scene.objects.iter().map(|o| PairClass::of(o.shape, o.colour, o.motion)).collect();
+                let classes: Vec<PairClass> = scene
+                    .objects
+                    .iter()
+                    .map(|o| PairClass::of(o.shape, o.colour, o.motion))
+                    .collect();
                 match split {
                     Split::Train | Split::ValIid => {
-                        assert!(classes.iter().all(|&c| c == PairClass::Allowed), "{split} #{i}")
+                        assert!(
+                            classes.iter().all(|&c| c == PairClass::Allowed),
+                            "{split} #{i}"
+                        )
                     }
                     Split::ValComp => {
                         assert!(!classes.contains(&PairClass::Reserved), "{split} #{i}");

@@ -31,7 +31,11 @@ fn summary(dir: &Path) -> (Report, std::collections::BTreeMap<String, GroupSumma
 #[test]
 fn png_export_round_trips_and_scores_perfectly() {
     let d = TempDir::new("png");
-    let opts = RenderOpts { width: 96, height: 64, ..Default::default() };
+    let opts = RenderOpts {
+        width: 96,
+        height: 64,
+        ..Default::default()
+    };
     let recs = export(&d.0, Split::ValComp, 30, 5, opts, ClipFormat::Png).unwrap();
     assert_eq!(recs.len(), 30);
     assert!(d.0.join("val-comp-000000/frame_000.png").is_file());
@@ -46,7 +50,10 @@ fn png_export_round_trips_and_scores_perfectly() {
     assert_eq!(v["id"], "val-comp-000003");
     assert_eq!(v["split"], "val-comp");
     for k in ["shape", "colour", "size", "motion", "speed", "x0", "y0"] {
-        assert!(v["scene"]["objects"][0].get(k).is_some(), "{k} missing in {v}");
+        assert!(
+            v["scene"]["objects"][0].get(k).is_some(),
+            "{k} missing in {v}"
+        );
     }
     assert!(v["scene"]["background"].is_string());
     assert_eq!(read_records(&d.0.join("captions.jsonl")).unwrap(), recs);
@@ -64,7 +71,11 @@ fn png_export_round_trips_and_scores_perfectly() {
         assert_eq!(*v, Some(1.0), "{g:?}");
     }
     assert_eq!(g.all_correct, Some(1.0));
-    assert_eq!(g.jerk_ratio, Some(1.0), "ground truth is its own ground truth");
+    assert_eq!(
+        g.jerk_ratio,
+        Some(1.0),
+        "ground truth is its own ground truth"
+    );
 
     // The table prints exactly the report's numbers.
     let table = r.table();
@@ -72,18 +83,27 @@ fn png_export_round_trips_and_scores_perfectly() {
     let all_row = table.lines().find(|l| l.starts_with("all ")).unwrap();
     for k in Attrs::<()>::NAMES {
         let x = json["all"]["accuracy"][k].as_f64().unwrap();
-        assert!(all_row.contains(&format!("{x:.4}")), "{k}: {x} not in {all_row}");
+        assert!(
+            all_row.contains(&format!("{x:.4}")),
+            "{k}: {x} not in {all_row}"
+        );
     }
     for k in ["all_correct", "identity_consistency", "jerk_ratio"] {
         let x = json["all"][k].as_f64().unwrap();
-        assert!(all_row.contains(&format!("{x:.4}")), "{k}: {x} not in {all_row}");
+        assert!(
+            all_row.contains(&format!("{x:.4}")),
+            "{k}: {x} not in {all_row}"
+        );
     }
     println!("{table}");
 }
 
 #[test]
 fn gif_and_mp4_clips_score() {
-    for (fmt, ext, min) in [(ClipFormat::Gif, "gif", 0.995), (ClipFormat::Mp4, "mp4", 0.97)] {
+    for (fmt, ext, min) in [
+        (ClipFormat::Gif, "gif", 0.995),
+        (ClipFormat::Mp4, "mp4", 0.97),
+    ] {
         let d = TempDir::new(ext);
         export(&d.0, Split::Train, 24, 9, RenderOpts::default(), fmt).unwrap();
         assert!(d.0.join(format!("train-000000.{ext}")).is_file());
@@ -98,11 +118,21 @@ fn gif_and_mp4_clips_score() {
 #[test]
 fn records_without_split_or_scene_count_under_all() {
     let d = TempDir::new("minimal");
-    export(&d.0, Split::Train, 4, 1, RenderOpts::default(), ClipFormat::Png).unwrap();
+    export(
+        &d.0,
+        Split::Train,
+        4,
+        1,
+        RenderOpts::default(),
+        ClipFormat::Png,
+    )
+    .unwrap();
     // Keep only id and caption.
     let recs = read_records(&d.0.join("captions.jsonl")).unwrap();
-    let lines: Vec<String> =
-        recs.iter().map(|r| serde_json::json!({"id": r.id, "caption": r.caption}).to_string()).collect();
+    let lines: Vec<String> = recs
+        .iter()
+        .map(|r| serde_json::json!({"id": r.id, "caption": r.caption}).to_string())
+        .collect();
     std::fs::write(d.0.join("captions.jsonl"), lines.join("\n") + "\n\n").unwrap();
     let (_, s) = summary(&d.0);
     assert_eq!(s.keys().collect::<Vec<_>>(), ["all"]);
@@ -133,7 +163,10 @@ fn bad_datasets_give_clear_errors() {
 
     write("{\"id\": \"missing\", \"caption\": \"a red circle\", \"split\": \"train\"}\n");
     let e = err(());
-    assert!(e.contains("\"missing\"") && e.contains("missing.gif"), "{e}");
+    assert!(
+        e.contains("\"missing\"") && e.contains("missing.gif"),
+        "{e}"
+    );
 
     write("{\"id\": \"x\", \"caption\": \"a red circle\", \"split\": \"test\"}\n");
     let e = err(());

@@ -39,7 +39,13 @@ fn run_clips(
         .map(|i| {
             let split = Split::ALL[(i % 3) as usize];
             let (w, h) = SIZES[(i / 3 % 4) as usize];
-            let opts = RenderOpts { width: w, height: h, frames, fps: 8.0, antialias };
+            let opts = RenderOpts {
+                width: w,
+                height: h,
+                frames,
+                fps: 8.0,
+                antialias,
+            };
             let (scene, text) = sample_clip(split, seed, i, opts.duration());
             let text = if shuffle {
                 // The next clip of the same split: an independent scene of the same split.
@@ -80,7 +86,11 @@ fn ground_truth_scores_at_least_99_5() {
     let r = run(480, 11, 17, false, false, |_, s, o| render(s, o));
     assert_at_least("ground truth, aliased", &r, 0.995);
     let g = all(&r);
-    assert_eq!(g.all_correct, Some(1.0), "aliased ground truth: every clip right");
+    assert_eq!(
+        g.all_correct,
+        Some(1.0),
+        "aliased ground truth: every clip right"
+    );
     assert!(g.identity_consistency.unwrap() > 0.97);
 }
 
@@ -100,7 +110,13 @@ fn short_clips_score_at_least_99_5() {
     println!("1 frame:\n{}", r.table());
     assert_eq!(g.accuracy.motion, None);
     assert_eq!(g.accuracy.speed, None);
-    for v in [g.accuracy.colour, g.accuracy.shape, g.accuracy.size, g.accuracy.background, g.accuracy.count] {
+    for v in [
+        g.accuracy.colour,
+        g.accuracy.shape,
+        g.accuracy.size,
+        g.accuracy.background,
+        g.accuracy.count,
+    ] {
         assert!(v.unwrap() >= 0.995, "{g:?}");
     }
 }
@@ -111,9 +127,9 @@ fn blurred_and_noised_score_at_least_97() {
         let f = blur(&render(s, o), o.width, o.height, 1.0);
         add_noise(&f, 10.0, &mut rand_chacha::ChaCha8Rng::seed_from_u64(i))
     };
-    let r = run(480, 21, 17, false, false, degrade);
+    let r = run(360, 21, 17, false, false, degrade);
     assert_at_least("blur 1 px + noise 10, aliased", &r, 0.97);
-    let r = run(480, 22, 17, true, false, degrade);
+    let r = run(360, 22, 17, true, false, degrade);
     assert_at_least("blur 1 px + noise 10, anti-aliased", &r, 0.97);
 }
 
@@ -131,11 +147,20 @@ fn assert_near_chance(name: &str, r: &Report, t: &Attrs<Tally>, two_sided: bool)
     {
         let (a, c) = (a.expect("judged"), c.expect("judged"));
         let band = 3.0 * (c * (1.0 - c) / n.total).sqrt() + 0.02;
-        println!("  {k:<10} accuracy {a:.4} chance {c:.4} band {band:.4} (n = {})", n.total);
+        println!(
+            "  {k:<10} accuracy {a:.4} chance {c:.4} band {band:.4} (n = {})",
+            n.total
+        );
         if two_sided {
-            assert!((a - c).abs() <= band, "{name}: {k} accuracy {a:.4} vs chance {c:.4} (band {band:.4})");
+            assert!(
+                (a - c).abs() <= band,
+                "{name}: {k} accuracy {a:.4} vs chance {c:.4} (band {band:.4})"
+            );
         } else {
-            assert!(a <= c + band, "{name}: {k} accuracy {a:.4} above chance {c:.4} + {band:.4}");
+            assert!(
+                a <= c + band,
+                "{name}: {k} accuracy {a:.4} above chance {c:.4} + {band:.4}"
+            );
         }
         worst = worst.max((a - c).abs());
     }
@@ -147,7 +172,12 @@ fn uninformative_videos_score_near_chance() {
     let (r, t) = run_clips(360, 31, 17, false, true, |_, s, o| render(s, o));
     assert_near_chance("shuffled captions", &r, &t, true);
     let (r, t) = run_clips(240, 32, 17, false, false, |i, _, o| {
-        noise_clip(o.width, o.height, o.frames, &mut rand_chacha::ChaCha8Rng::seed_from_u64(i))
+        noise_clip(
+            o.width,
+            o.height,
+            o.frames,
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(i),
+        )
     });
     assert_near_chance("pure noise", &r, &t, false);
     let (r, t) = run_clips(240, 33, 17, false, false, |i, _, o| {

@@ -89,46 +89,42 @@ impl ConvWeights {
         p
     }
 
-    /// The Winograd F(2x2, 3x3) kernel transform `U = G g G^T` of every 3x3 slice, laid out as
-    /// one `[cin, cout]` matrix per `(dt, xi)`: `u[((dt*16 + xi)*cin + ci)*cout + co]`.
-    /// Computed in f64 and rounded once.
+    /// The Winograd F(2x2, 3x3) kernel transform `U = G g G^T` of every 3x3 slice, with
+    /// `G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]`, laid out as `u[((dt*cin + ci)*16 + xi)*cout + co]`
+    /// (so the `[cin, cout]` matrix of `(dt, xi)` has row stride `16 * cout`). Computed in f64,
+    /// rounded once.
     fn winograd_u(&self) -> Vec<f32> {
         let (cout, cin, kt) = (self.cout, self.cin, self.kt);
         assert_eq!((self.kh, self.kw), (3, 3), "winograd: 3x3 kernels only");
-        let mut u = vec![0f32; kt * 16 * cin * cout];
-        // One task per (dt, xi-block of 16 matrices): chunk = [16][cin][cout] for one dt.
-        u.par_chunks_mut(cin * cout)
+        let mut u = vec![0f32; kt * cin * 16 * cout];
+        u.par_chunks_mut(16 * cout)
             .enumerate()
             .for_each(|(blk, m)| {
-                let (dt, xi) = (blk / 16, blk % 16);
-                let (a, b) = (xi / 4, xi % 4);
+                let (dt, ci) = (blk / cin, blk % cin);
                 for co in 0..cout {
-                    for ci in 0..cin {
-                        let g = &self.w[((co * cin + ci) * kt + dt) * 9..][..9];
-                        m[ci * cout + co] = winograd_g(g, a, b) as f32;
+                    let g: [f64; 9] =
+                        std::array::from_fn(|k| self.w[((co * cin + ci) * kt + dt) * 9 + k] as f64);
+                    // G g: rows [g0, (g0+g1+g2)/2, (g0-g1+g2)/2, g2] of 3 columns each
+                    let mut gg = [[0f64; 3]; 4];
+                    for j in 0..3 {
+                        let (a, b, c) = (g[j], g[3 + j], g[6 + j]);
+                        gg[0][j] = a;
+                        gg[1][j] = 0.5 * (a + b + c);
+                        gg[2][j] = 0.5 * (a - b + c);
+                        gg[3][j] = c;
+                    }
+                    // (G g) G^T: each row [a, (a+b+c)/2, (a-b+c)/2, c]
+                    for (r, row) in gg.iter().enumerate() {
+                        let (a, b, c) = (row[0], row[1], row[2]);
+                        let vals = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+                        for (k, v) in vals.iter().enumerate() {
+                            m[(r * 4 + k) * cout + co] = *v as f32;
+                        }
                     }
                 }
             });
         u
     }
-}
-
-/// Entry `(a, b)` of `G g G^T` for one 3x3 `g`, with `G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]`.
-#[inline]
-fn winograd_g(g: &[f32], a: usize, b: usize) -> f64 {
-    const G: [[f64; 3]; 4] = [
-        [1.0, 0.0, 0.0],
-        [0.5, 0.5, 0.5],
-        [0.5, -0.5, 0.5],
-        [0.0, 0.0, 1.0],
-    ];
-    let mut s = 0.0;
-    for i in 0..3 {
-        for j in 0..3 {
-            s += G[a][i] * g[i * 3 + j] as f64 * G[b][j];
-        }
-    }
-    s
 }
 
 pub(crate) fn to_f32_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -797,25 +793,18 @@ pub fn conv_winograd(src: &Source, front: &Front, wt: &ConvWeights) -> Video {
                 let dst = &mut acc[xi * m * cout..][..m * cout];
                 for dt in 0..kt {
                     let vin = &vslots[((o + dt) % kt) * vlen + xi * m * cin..][..m * cin];
-                    let uk = &u[(dt * 16 + xi) * cin * cout..][..cin * cout];
-                    gemm(
-                        m,
-                        cout,
-                        cin,
-                        dst,
-                        cout,
-                        dt > 0,
-                        Mat {
-                            data: vin,
-                            rs: cin,
-                            cs: 1,
-                        },
-                        Mat {
-                            data: uk,
-                            rs: cout,
-                            cs: 1,
-                        },
-                    );
+                    let uk = &u[(dt * cin * 16 + xi) * cout..];
+                    let lhs = Mat {
+                        data: vin,
+                        rs: cin,
+                        cs: 1,
+                    };
+                    let rhs = Mat {
+                        data: uk,
+                        rs: 16 * cout,
+                        cs: 1,
+                    };
+                    gemm(m, cout, cin, dst, cout, dt > 0, lhs, rhs);
                 }
             }
             // output transform + bias, one tile row (two output rows) at a time

@@ -32,7 +32,7 @@ fn q_block(sk: usize) -> usize {
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -> Result<Tensor> {
     let (b, sq, d) = q.dims3()?;
     let (bk, sk, dk) = k.dims3()?;
-    if heads == 0 || d % heads != 0 || k.dims() != v.dims() || bk != b || dk != d {
+    if heads == 0 || !d.is_multiple_of(heads) || k.dims() != v.dims() || bk != b || dk != d {
         candle_core::bail!(
             "attention: q {:?}, k {:?}, v {:?} do not fit {heads} heads",
             q.dims(),

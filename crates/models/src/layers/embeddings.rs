@@ -18,10 +18,10 @@ pub fn timestep_embedding(
     shift: f64,
     max_period: f64,
 ) -> Result<Tensor> {
-    let ts: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     if t.rank() != 1 {
         candle_core::bail!("timesteps must be 1-D, found shape {:?}", t.dims())
     }
+    let ts: Vec<f32> = t.to_dtype(DType::F32)?.to_vec1()?;
     let half = dim / 2;
     // torch: (-ln(max_period) * arange(half, f32)) / (half - shift), all in f32; exp in f32
     let c = -(max_period.ln()) as f32;
@@ -44,7 +44,7 @@ pub fn timestep_embedding(
             out.extend(sin);
             out.extend(cos);
         }
-        if dim % 2 == 1 {
+        if !dim.is_multiple_of(2) {
             out.push(0.0);
         }
     }
@@ -100,7 +100,7 @@ pub fn sincos_pos_embed_3d(
     temporal_interpolation_scale: f64,
     dev: &Device,
 ) -> Result<Tensor> {
-    if embed_dim % 16 != 0 {
+    if !embed_dim.is_multiple_of(16) {
         // 3/4 of it is split in two halves of sin|cos pairs, and 1/4 into sin|cos
         candle_core::bail!("3D sin-cos positions need embed_dim divisible by 16, got {embed_dim}")
     }

@@ -69,7 +69,7 @@ impl LayerNorm {
         }
         let rows = x.dims()[n - 2];
         let x3 = x.reshape(((), rows, self.dim))?; // [B', S, d]
-        Ok(self.forward_joint(&x3, 0, None, None)?.reshape(x.dims())?)
+        self.forward_joint(&x3, 0, None, None)?.reshape(x.dims())
     }
 
     /// `x [B, S, d]`: rows `< split` are modulated by `first`, the others by `rest` (each

@@ -81,7 +81,7 @@ pub fn rotary_pos_embed_3d(
     theta: f64,
     dev: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    if head_dim % 8 != 0 || head_dim == 0 {
+    if !head_dim.is_multiple_of(8) || head_dim == 0 {
         candle_core::bail!("3D RoPE needs a head dimension divisible by 8, got {head_dim}")
     }
     let (pos_t, pos_h, pos_w, t, gh, gw) = match *grid {
@@ -198,7 +198,7 @@ mod tests {
         assert!((row[4] - 1f32.cos()).abs() < 1e-7);
         assert!((row[10] - 2f32.cos()).abs() < 1e-7);
         // rotation of (1, 0) pairs by the angle gives (cos, sin)
-        let x = Tensor::from_vec(vec![1f32, 0.0].repeat(8 * 12), (1, 12, 1, 16), &dev)?;
+        let x = Tensor::from_vec([1f32, 0.0].repeat(8 * 12), (1, 12, 1, 16), &dev)?;
         let y = apply_rope_candle(&x, &c, &s)?;
         let y: Vec<f32> = y.flatten_all()?.to_vec1()?;
         let sv: Vec<f32> = s.flatten_all()?.to_vec1()?;

@@ -259,7 +259,7 @@ impl CogVideoXTransformerConfig {
         }
         if self.use_rotary_positional_embeddings {
             ensure(
-                self.attention_head_dim % 16 == 0,
+                self.attention_head_dim.is_multiple_of(16),
                 file,
                 "attention_head_dim",
                 || {
@@ -271,7 +271,7 @@ impl CogVideoXTransformerConfig {
             )?;
         } else {
             ensure(
-                self.inner_dim() % 16 == 0,
+                self.inner_dim().is_multiple_of(16),
                 file,
                 "attention_head_dim",
                 || {
@@ -561,9 +561,11 @@ pub struct CogVideoXTransformer3D {
 }
 
 impl CogVideoXTransformer3D {
-    /// Builds the model from `vb` (prefixes are diffusers' parameter names). The config is not
-    /// validated here; [`Self::load`] does that.
+    /// Builds the model from `vb` (prefixes are diffusers' parameter names). An invalid config
+    /// is an error here too; [`Self::load`] reports it against the config file instead.
     pub fn new(cfg: &CogVideoXTransformerConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate(Path::new("<config>"))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let d = cfg.inner_dim();
         let (c, p) = (cfg.in_channels, cfg.patch_size);
         let pe = vb.pp("patch_embed");
@@ -692,12 +694,12 @@ impl CogVideoXTransformer3D {
                 cfg.in_channels
             )
         }
-        if h % p != 0 || w % p != 0 || h == 0 || w == 0 {
+        if !h.is_multiple_of(p) || !w.is_multiple_of(p) || h == 0 || w == 0 {
             candle_core::bail!(
                 "hidden_states: latent size {h}x{w} is not a positive multiple of patch_size {p}"
             )
         }
-        if f % pt != 0 || f == 0 {
+        if !f.is_multiple_of(pt) || f == 0 {
             candle_core::bail!("hidden_states: {f} latent frames is not a positive multiple of patch_size_t {pt} (pad the latents first, as the pipeline does)")
         }
         let (tb, l, te) = text.dims3()?;
