@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod generate;
+mod train_cmd;
 mod world_cmd;
 
 #[derive(Parser)]
@@ -20,6 +21,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Benchmark the transformer and VAE at the real widths against diffusers.
     Bench(bench::BenchArgs),
+    /// Train a model (see the config file format in crates/train).
+    Train(train_cmd::TrainArgs),
     /// Shapes World: sample captioned clips.
     World(world_cmd::WorldArgs),
     /// Evaluate generated videos.
@@ -37,6 +40,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Train(a) => train_cmd::run(a),
         Command::World(a) => world_cmd::run_world(a),
         Command::Eval(a) => world_cmd::run_eval(a),
     };

@@ -363,7 +363,7 @@ impl CogVideoXPipeline {
         let mut latent_frames = (num_frames - 1) / tc + 1;
         let mut additional_frames = 0;
         if let Some(pt) = tcfg.patch_size_t.filter(|&p| p > 1) {
-            if latent_frames % pt != 0 {
+            if !latent_frames.is_multiple_of(pt) {
                 additional_frames = pt - latent_frames % pt;
                 latent_frames += additional_frames;
             }

@@ -1,0 +1,1 @@
+//! vdit-train (in progress)
