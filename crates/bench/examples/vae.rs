@@ -77,7 +77,7 @@ fn main() -> Result<()> {
     let dt = vdit_bench::vae::run_decode(f, h, w)?;
     println!(
         "vae decode latent=(1, 16, {f}, {h}, {w}) -> (1, 3, {}, {}, {}) in {:.1}s",
-        1 + 4 * (f - 1),
+        if f % 2 == 1 { 4 * f - 3 } else { 4 * f },
         8 * h,
         8 * w,
         dt.as_secs_f64()

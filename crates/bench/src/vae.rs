@@ -68,7 +68,12 @@ pub fn run_decode(latent_frames: usize, h: usize, w: usize) -> Result<Duration> 
     let t0 = Instant::now();
     let y = vae.decode(&z)?;
     let dt = t0.elapsed();
-    let frames = 1 + 4 * (latent_frames - 1);
+    // decoder batches of 2 latent frames (the first takes the odd one): 2 -> 8 frames, 3 -> 9
+    let frames = if latent_frames % 2 == 1 {
+        4 * latent_frames - 3
+    } else {
+        4 * latent_frames
+    };
     anyhow::ensure!(
         y.dims() == [1, 3, frames, 8 * h, 8 * w],
         "decoded shape {:?}",

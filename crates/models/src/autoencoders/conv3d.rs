@@ -186,6 +186,7 @@ impl Source<'_> {
     }
 
     /// Writes the transformed row `y` of conv-input frame `t` (`w * c` values) into `dst`.
+    #[inline(always)]
     pub fn fill_row(&self, t: usize, y: usize, dst: &mut [f32]) {
         let x = self.x;
         let c = x.c;
@@ -206,7 +207,7 @@ impl Source<'_> {
     }
 
     /// Applies the transform to `src` (whole pixels starting at source column `x0`) into `dst`.
-    #[inline]
+    #[inline(always)]
     fn apply(&self, ts: usize, ys: usize, x0: usize, src: &[f32], dst: &mut [f32]) {
         let c = self.x.c;
         match self.pre {
@@ -359,6 +360,21 @@ pub fn virtual_frames(
     out
 }
 
+/// Whether the band kernels can run their AVX2 + FMA build (the crate's baseline is SSE2, so
+/// the transform and element-wise loops vectorise 4-wide otherwise). FMA is enabled for the
+/// build only; no loop here asks for fused multiply-adds, so results are identical.
+#[inline]
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// A raw output pointer shared by band tasks that write disjoint rows.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -503,6 +519,7 @@ fn plan(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Plan {
 /// Fills padded band rows `y0 .. y0 + nrows` (input coordinates, may be out of range: those stay
 /// zero) of virtual frame `frame` into `slot` (`nrows` rows of `wp` positions, data starting at
 /// column `left`).
+#[inline(always)]
 fn fill_band(
     src: &Source,
     frame: Frame,
@@ -544,7 +561,7 @@ pub fn conv(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Video {
 /// The direct kernel (any kernel size, stride and padding).
 pub fn conv_direct(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Video {
     let p = plan(src, front, wt, g);
-    let (cin, cout, kt, kh, kw, s) = (wt.cin, wt.cout, wt.kt, wt.kh, wt.kw, g.stride);
+    let (cout, s) = (wt.cout, g.stride);
     let (h_out, w_out) = (p.h_out, p.w_out);
     let wp = p.w + g.pad_left + g.pad_right;
     let packed = wt.packed_direct();
@@ -557,9 +574,72 @@ pub fn conv_direct(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Vi
 
     let mut out = Video::zeros(p.t_out, h_out, w_out, cout);
     let out_ptr = OutPtr(out.data.as_mut_ptr());
-    let out_frame = h_out * w_out * cout;
 
+    let job = DirectJob {
+        src,
+        front,
+        wt,
+        g,
+        p: &p,
+        packed: &packed,
+        rows,
+        wp,
+        out_ptr,
+    };
     (0..nbands).into_par_iter().for_each(|band| {
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+            #[allow(unsafe_code)]
+            unsafe {
+                job.band_avx2(band)
+            }
+        } else {
+            job.band(band)
+        }
+    });
+    out
+}
+
+struct DirectJob<'a> {
+    src: &'a Source<'a>,
+    front: &'a Front<'a>,
+    wt: &'a ConvWeights,
+    g: Geom,
+    p: &'a Plan,
+    packed: &'a [f32],
+    rows: usize,
+    wp: usize,
+    out_ptr: OutPtr,
+}
+
+impl DirectJob<'_> {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn band_avx2(&self, band: usize) {
+        self.band(band)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn band_avx2(&self, band: usize) {
+        self.band(band)
+    }
+
+    #[inline(always)]
+    fn band(&self, band: usize) {
+        let (src, front, wt, g, p, packed, rows, wp, out_ptr) = (
+            self.src,
+            self.front,
+            self.wt,
+            self.g,
+            self.p,
+            self.packed,
+            self.rows,
+            self.wp,
+            self.out_ptr,
+        );
+        let (cin, cout, kt, kh, kw, s) = (wt.cin, wt.cout, wt.kt, wt.kh, wt.kw, g.stride);
+        let (h_out, w_out) = (p.h_out, p.w_out);
+        let out_frame = h_out * w_out * cout;
         let r0 = band * rows;
         let nr_out = rows.min(h_out - r0);
         let nr_in = (nr_out - 1) * s + kh;
@@ -631,135 +711,145 @@ pub fn conv_direct(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Vi
                 );
             }
         }
-    });
-    out
+    }
 }
 
-/// Channels processed together by the tile transforms (fixed-size arrays vectorise well).
-const LANES: usize = 8;
-
-/// `B^T d B` of F(2x2, 3x3) on `[f32; N]` lanes; `B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`.
+/// `B^T` of F(2x2, 3x3) (`[[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`) applied across four
+/// channel vectors: `y = [x0 - x2, x1 + x2, x2 - x1, x1 - x3]`.
 #[inline(always)]
-fn input_tile_lanes<const N: usize>(x: &[[f32; N]; 16]) -> [[f32; N]; 16] {
-    let mut t = [[0f32; N]; 16];
-    for col in 0..4 {
-        for l in 0..N {
-            let (x0, x1, x2, x3) = (x[col][l], x[4 + col][l], x[8 + col][l], x[12 + col][l]);
-            t[col][l] = x0 - x2;
-            t[4 + col][l] = x1 + x2;
-            t[8 + col][l] = x2 - x1;
-            t[12 + col][l] = x1 - x3;
-        }
+fn bt4(x: [&[f32]; 4], y: [&mut [f32]; 4]) {
+    let [y0, y1, y2, y3] = y;
+    let n = y0.len();
+    let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
+    let (y1, y2, y3) = (&mut y1[..n], &mut y2[..n], &mut y3[..n]);
+    for c in 0..n {
+        let (a, b, d, e) = (x0[c], x1[c], x2[c], x3[c]);
+        y0[c] = a - d;
+        y1[c] = b + d;
+        y2[c] = d - b;
+        y3[c] = b - e;
     }
-    let mut v = [[0f32; N]; 16];
-    for r in 0..4 {
-        for l in 0..N {
-            let (t0, t1, t2, t3) = (
-                t[4 * r][l],
-                t[4 * r + 1][l],
-                t[4 * r + 2][l],
-                t[4 * r + 3][l],
-            );
-            v[4 * r][l] = t0 - t2;
-            v[4 * r + 1][l] = t1 + t2;
-            v[4 * r + 2][l] = t2 - t1;
-            v[4 * r + 3][l] = t1 - t3;
-        }
-    }
-    v
 }
 
-/// Input transform of one 4x4 tile: `d[k]` is input position `(k / 4, k % 4)` (all channels),
-/// transform position `xi` goes to `v[xi * stride ..][..n]`.
+/// `A^T` of F(2x2, 3x3) (`[[1,1,1,0],[0,1,-1,-1]]`) across four channel vectors, plus `bias`
+/// when given: `y = [x0 + x1 + x2, x1 - x2 - x3]`.
 #[inline(always)]
-fn input_tile(d: &[&[f32]; 16], v: &mut [f32], stride: usize, n: usize) {
-    let mut c = 0;
-    while c + LANES <= n {
-        let x: [[f32; LANES]; 16] =
-            std::array::from_fn(|k| d[k][c..c + LANES].try_into().expect("lanes"));
-        let r = input_tile_lanes(&x);
-        for (xi, rv) in r.iter().enumerate() {
-            v[xi * stride + c..][..LANES].copy_from_slice(rv);
+fn at4(x: [&[f32]; 4], y0: &mut [f32], y1: &mut [f32], bias: Option<&[f32]>) {
+    let n = y0.len();
+    let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
+    let y1 = &mut y1[..n];
+    match bias {
+        Some(b) => {
+            let b = &b[..n];
+            for c in 0..n {
+                y0[c] = x0[c] + x1[c] + x2[c] + b[c];
+                y1[c] = x1[c] - x2[c] - x3[c] + b[c];
+            }
         }
-        c += LANES;
-    }
-    for c in c..n {
-        let x: [[f32; 1]; 16] = std::array::from_fn(|k| [d[k][c]]);
-        let r = input_tile_lanes(&x);
-        for (xi, rv) in r.iter().enumerate() {
-            v[xi * stride + c] = rv[0];
+        None => {
+            for c in 0..n {
+                y0[c] = x0[c] + x1[c] + x2[c];
+                y1[c] = x1[c] - x2[c] - x3[c];
+            }
         }
     }
 }
 
-/// `A^T m A + bias` of F(2x2, 3x3) on lanes; `A^T = [[1,1,1,0],[0,1,-1,-1]]`; returns the 2x2
-/// outputs as `[y00, y01, y10, y11]`.
+/// Four consecutive `n`-long chunks of `s` as separate mutable slices.
 #[inline(always)]
-fn output_tile_lanes<const N: usize>(m: &[[f32; N]; 16], bias: &[f32; N]) -> [[f32; N]; 4] {
-    let mut y = [[0f32; N]; 4];
-    for l in 0..N {
-        let mut s = [[0f32; 4]; 2];
-        for b in 0..4 {
-            let (m0, m1, m2, m3) = (m[b][l], m[4 + b][l], m[8 + b][l], m[12 + b][l]);
-            s[0][b] = m0 + m1 + m2;
-            s[1][b] = m1 - m2 - m3;
-        }
-        for a in 0..2 {
-            y[2 * a][l] = s[a][0] + s[a][1] + s[a][2] + bias[l];
-            y[2 * a + 1][l] = s[a][1] - s[a][2] - s[a][3] + bias[l];
-        }
-    }
-    y
-}
-
-/// Output transform of one tile: transform position `xi` at `acc[xi * stride ..][..n]`, the 2x2
-/// outputs go to `out[k][..n]` (k = 2 * row + column).
-#[inline(always)]
-fn output_tile(acc: &[f32], stride: usize, bias: &[f32], out: &mut [&mut [f32]; 4], n: usize) {
-    let mut c = 0;
-    while c + LANES <= n {
-        let m: [[f32; LANES]; 16] =
-            std::array::from_fn(|xi| acc[xi * stride + c..][..LANES].try_into().expect("lanes"));
-        let b: [f32; LANES] = bias[c..c + LANES].try_into().expect("lanes");
-        let y = output_tile_lanes(&m, &b);
-        for (o, yv) in out.iter_mut().zip(&y) {
-            o[c..c + LANES].copy_from_slice(yv);
-        }
-        c += LANES;
-    }
-    for c in c..n {
-        let m: [[f32; 1]; 16] = std::array::from_fn(|xi| [acc[xi * stride + c]]);
-        let y = output_tile_lanes(&m, &[bias[c]]);
-        for (o, yv) in out.iter_mut().zip(&y) {
-            o[c] = yv[0];
-        }
-    }
+fn split4(s: &mut [f32], n: usize) -> [&mut [f32]; 4] {
+    let (a, r) = s.split_at_mut(n);
+    let (b, r) = r.split_at_mut(n);
+    let (c, d) = r.split_at_mut(n);
+    [a, b, c, &mut d[..n]]
 }
 
 /// The Winograd F(2x2, 3x3) kernel (3x3 spatial taps, stride 1, zero padding 1, any `kt`).
 pub fn conv_winograd(src: &Source, front: &Front, wt: &ConvWeights) -> Video {
     let p = plan(src, front, wt, Geom::same(1));
-    let (cin, cout, kt) = (wt.cin, wt.cout, wt.kt);
     let (h, w) = (p.h, p.w);
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    // padded band width: one zero column left, tiles cover 2*tw columns, plus the right halo
-    let wp = 2 * tw + 2;
     let u = wt.winograd_u();
     let (trows, nbands) = plan_bands(th, TARGET_M.div_ceil(tw));
 
-    let mut out = Video::zeros(p.t_out, h, w, cout);
+    let mut out = Video::zeros(p.t_out, h, w, wt.cout);
     let out_ptr = OutPtr(out.data.as_mut_ptr());
-    let out_frame = h * w * cout;
 
+    let job = WinoJob {
+        src,
+        front,
+        wt,
+        p: &p,
+        u: &u,
+        trows,
+        out_ptr,
+    };
     (0..nbands).into_par_iter().for_each(|band| {
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+            #[allow(unsafe_code)]
+            unsafe {
+                job.band_avx2(band)
+            }
+        } else {
+            job.band(band)
+        }
+    });
+    out
+}
+
+struct WinoJob<'a> {
+    src: &'a Source<'a>,
+    front: &'a Front<'a>,
+    wt: &'a ConvWeights,
+    p: &'a Plan,
+    u: &'a [f32],
+    trows: usize,
+    out_ptr: OutPtr,
+}
+
+impl WinoJob<'_> {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn band_avx2(&self, band: usize) {
+        self.band(band)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn band_avx2(&self, band: usize) {
+        self.band(band)
+    }
+
+    #[inline(always)]
+    fn band(&self, band: usize) {
+        let (src, front, wt, p, u, trows, out_ptr) = (
+            self.src,
+            self.front,
+            self.wt,
+            self.p,
+            self.u,
+            self.trows,
+            self.out_ptr,
+        );
+        let (cin, cout, kt) = (wt.cin, wt.cout, wt.kt);
+        let (h, w) = (p.h, p.w);
+        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+        // padded band width: one zero column left, tiles cover 2*tw columns, plus the right halo
+        let wp = 2 * tw + 2;
+        let out_frame = h * w * cout;
         let tr0 = band * trows;
         let nt_rows = trows.min(th - tr0);
         let m = nt_rows * tw; // tiles in this band = GEMM rows
         let nr_in = 2 * nt_rows + 2;
         let mut padded = vec![0f32; nr_in * wp * cin];
-        let vlen = 16 * m * cin;
+        // d B of every row: [row][tile column][b][cin]
+        let mut hrow = vec![0f32; nr_in * tw * 4 * cin];
+        // transformed input, one ring slot per temporal tap: [tile][xi][cin]
+        let vlen = m * 16 * cin;
         let mut vslots = vec![0f32; kt * vlen];
-        let mut acc = vec![0f32; 16 * m * cout];
+        // GEMM results [tile][xi][cout], then A^T m per tile: [a'][b][cout]
+        let mut acc = vec![0f32; m * 16 * cout];
+        let mut sbuf = vec![0f32; 8 * cout];
         let mut orow = vec![0f32; 2 * 2 * tw * cout];
         for v in 0..p.tv {
             let frame = virtual_frame(front, p.nfront, v);
@@ -773,15 +863,30 @@ pub fn conv_winograd(src: &Source, front: &Front, wt: &ConvWeights) -> Video {
                 1,
                 &mut padded,
             );
-            // input transform into slot v % kt, layout [xi][tile][cin]
+            // horizontal pass: hrow[r][j][b] = sum_l d[r][2j + l] B[l][b]
+            for (r, hr) in hrow.chunks_exact_mut(tw * 4 * cin).enumerate() {
+                let prow = &padded[r * wp * cin..][..wp * cin];
+                for (j, hj) in hr.chunks_exact_mut(4 * cin).enumerate() {
+                    let x: [&[f32]; 4] = std::array::from_fn(|l| &prow[(2 * j + l) * cin..][..cin]);
+                    bt4(x, split4(hj, cin));
+                }
+            }
+            // vertical pass: V[tile][a*4 + b] = sum_k B^T[a][k] hrow[2i + k][j][b]
             let vs = &mut vslots[(v % kt) * vlen..][..vlen];
-            for i in 0..nt_rows {
-                for j in 0..tw {
-                    let tile = i * tw + j;
-                    let d: [&[f32]; 16] = std::array::from_fn(|k| {
-                        &padded[((2 * i + k / 4) * wp + 2 * j + k % 4) * cin..][..cin]
+            for (tile, vt) in vs.chunks_exact_mut(16 * cin).enumerate() {
+                let (i, j) = (tile / tw, tile % tw);
+                let [g0, g1, g2, g3] = split4(vt, 4 * cin);
+                for b in 0..4 {
+                    let x: [&[f32]; 4] = std::array::from_fn(|k| {
+                        &hrow[(((2 * i + k) * tw + j) * 4 + b) * cin..][..cin]
                     });
-                    input_tile(&d, &mut vs[tile * cin..], m * cin, cin);
+                    let y = [
+                        &mut g0[b * cin..(b + 1) * cin],
+                        &mut g1[b * cin..(b + 1) * cin],
+                        &mut g2[b * cin..(b + 1) * cin],
+                        &mut g3[b * cin..(b + 1) * cin],
+                    ];
+                    bt4(x, y);
                 }
             }
             if v + 1 < kt {
@@ -790,42 +895,50 @@ pub fn conv_winograd(src: &Source, front: &Front, wt: &ConvWeights) -> Video {
             let o = v + 1 - kt;
             // 16 GEMMs (one per transform position), each accumulating the kt temporal taps
             for xi in 0..16 {
-                let dst = &mut acc[xi * m * cout..][..m * cout];
+                let dst = &mut acc[xi * cout..];
                 for dt in 0..kt {
-                    let vin = &vslots[((o + dt) % kt) * vlen + xi * m * cin..][..m * cin];
-                    let uk = &u[(dt * cin * 16 + xi) * cout..];
+                    let vin = &vslots[((o + dt) % kt) * vlen + xi * cin..];
                     let lhs = Mat {
                         data: vin,
-                        rs: cin,
+                        rs: 16 * cin,
                         cs: 1,
                     };
                     let rhs = Mat {
-                        data: uk,
+                        data: &u[(dt * cin * 16 + xi) * cout..],
                         rs: 16 * cout,
                         cs: 1,
                     };
-                    gemm(m, cout, cin, dst, cout, dt > 0, lhs, rhs);
+                    gemm(m, cout, cin, dst, 16 * cout, dt > 0, lhs, rhs);
                 }
             }
             // output transform + bias, one tile row (two output rows) at a time
             for i in 0..nt_rows {
                 let y0 = 2 * (tr0 + i);
                 let (row0, row1) = orow.split_at_mut(2 * tw * cout);
-                for (j, (o0, o1)) in row0
+                let pairs = row0
                     .chunks_exact_mut(2 * cout)
-                    .zip(row1.chunks_exact_mut(2 * cout))
-                    .enumerate()
-                {
-                    let (y00, y01) = o0.split_at_mut(cout);
-                    let (y10, y11) = o1.split_at_mut(cout);
-                    let mut outs = [y00, y01, y10, y11];
-                    output_tile(
-                        &acc[(i * tw + j) * cout..],
-                        m * cout,
-                        &wt.bias,
-                        &mut outs,
-                        cout,
-                    );
+                    .zip(row1.chunks_exact_mut(2 * cout));
+                for (j, (o0, o1)) in pairs.enumerate() {
+                    let mt = &acc[(i * tw + j) * 16 * cout..][..16 * cout];
+                    // S[a'][b] = sum_a A^T[a'][a] m[a][b]
+                    for b in 0..4 {
+                        let x: [&[f32]; 4] =
+                            std::array::from_fn(|a| &mt[(a * 4 + b) * cout..][..cout]);
+                        let (s0, s1) = sbuf.split_at_mut(4 * cout);
+                        at4(
+                            x,
+                            &mut s0[b * cout..(b + 1) * cout],
+                            &mut s1[b * cout..(b + 1) * cout],
+                            None,
+                        );
+                    }
+                    // Y[a'][b'] = sum_b S[a'][b] A^T[b'][b] + bias
+                    for (a, orow_a) in [o0, o1].into_iter().enumerate() {
+                        let x: [&[f32]; 4] =
+                            std::array::from_fn(|b| &sbuf[(a * 4 + b) * cout..][..cout]);
+                        let (y0v, y1v) = orow_a.split_at_mut(cout);
+                        at4(x, y0v, y1v, Some(&wt.bias));
+                    }
                 }
                 for a in 0..2 {
                     if y0 + a < h {
@@ -836,9 +949,9 @@ pub fn conv_winograd(src: &Source, front: &Front, wt: &ConvWeights) -> Video {
                 }
             }
         }
-    });
-    out
+    }
 }
+
 /// 1x1x1 convolution: `x[P, cin] * W + bias`; with `acc`, the result is added to `acc` (same
 /// shape as the output) instead of returned in a new buffer.
 pub fn pointwise(x: &Video, wt: &ConvWeights, acc: Option<&mut Video>) -> Option<Video> {

@@ -1,0 +1,552 @@
+//! The training config: one struct, every field with its default and what it does (nanoGPT
+//! style). A config file (JSON, or TOML when the name ends in `.toml`) gives only the fields it
+//! changes; unknown keys are errors naming the key, so a typo never trains the wrong thing.
+//!
+//! ```toml
+//! stage = "toy"            # what to train: "toy" | "vae" | "transformer"
+//! out_dir = "runs/toy"     # loss.jsonl, loss.png, checkpoints/, export/
+//! seed = 0                 # initial weights, batches and noise all derive from it
+//! steps = 200              # optimiser steps
+//! batch_size = 4           # clips per micro-batch (a bucket may override it)
+//! grad_accum = 1           # micro-batches per optimiser step
+//! checkpoint_every = 100   # also at the end and when stopped
+//! keep_checkpoints = 2     # newest N kept
+//! plot_every = 50          # redraw loss.png every N steps (and at the end)
+//! allow_unused_vars = false # a var without a gradient is an error (candle's fast ops drop them)
+//!
+//! [data]
+//! split = "train"          # Shapes World split the clips come from
+//! # world_seed = 0         # seed of the world's clips (default: `seed`)
+//! # num_clips = 1000       # draw clip indices from 0..num_clips (default: unlimited)
+//! fps = 8.0
+//! antialias = true
+//! buckets = [              # one bucket per batch, drawn with probability ∝ weight
+//!   { width = 64, height = 64, frames = 1, weight = 0.3, batch_size = 8 },
+//!   { width = 64, height = 64, frames = 17, weight = 0.7 },
+//! ]
+//!
+//! [optim]                  # AdamW (decoupled weight decay, as torch.optim.AdamW)
+//! lr = 1e-3                # peak learning rate, reached after warmup
+//! min_lr = 1e-4            # floor of the cosine decay
+//! warmup_steps = 100       # linear warmup from lr/warmup_steps
+//! decay_steps = 0          # cosine decay ends here (0: at `steps`)
+//! beta1 = 0.9
+//! beta2 = 0.999
+//! eps = 1e-8
+//! weight_decay = 0.01
+//! no_decay_1d = true       # no decay on vars of rank <= 1 (biases, norm scales)
+//! no_decay = []            # and none on vars whose name contains one of these
+//! grad_clip = 1.0          # global-norm clipping threshold (0: off)
+//!
+//! [ema]
+//! decay = 0.999            # 0: no EMA
+//! warmup = true            # effective decay min(decay, (1+n)/(10+n)) after n updates
+//!
+//! [diffusion]
+//! weighting = "cogvideox"  # "cogvideox": 1/(1-ᾱ_t)-weighted x̂₀ MSE; "none": plain MSE on the target
+//! [diffusion.scheduler]    # CogVideoXDDIMScheduler config (diffusers names); default CogVideoX-2b's
+//!
+//! [model]                  # stage-specific, read by the stage's builder (the toy: channels, pool)
+//! ```
+
+use crate::data::Bucket;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use vdit_core::{Error, Result};
+use vdit_schedulers::CogVideoXSchedulerConfig;
+use vdit_world::Split;
+
+/// What a run trains. Each stage has a builder in [`crate::stages`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// A small conv net on pooled Shapes World frames, trained with the diffusion objective:
+    /// proves the loop, logging, checkpoints and resume without the model crate.
+    Toy,
+    /// AutoencoderKLCogVideoX by reconstruction + KL (not plugged in yet).
+    Vae,
+    /// T5 text encoder + CogVideoX transformer on frozen VAE latents (not plugged in yet).
+    Transformer,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Toy => "toy",
+            Stage::Vae => "vae",
+            Stage::Transformer => "transformer",
+        }
+    }
+}
+
+/// Everything a run needs. See the module docs for the file format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// What to train. Default `toy`.
+    pub stage: Stage,
+    /// Output folder (relative paths are relative to the working directory). Default `runs/<stage>`.
+    pub out_dir: PathBuf,
+    /// Seed of the initial weights, the batches and the noise. Default 0.
+    pub seed: u64,
+    /// Optimiser steps. Default 200.
+    pub steps: u64,
+    /// Clips per micro-batch, unless the bucket says otherwise. Default 4.
+    pub batch_size: usize,
+    /// Micro-batches (each its own bucket) per optimiser step. Default 1.
+    pub grad_accum: usize,
+    /// Checkpoint every N steps (also at the end and on a stop). Default 100.
+    pub checkpoint_every: u64,
+    /// Checkpoints kept, newest first. Default 2.
+    pub keep_checkpoints: usize,
+    /// Redraw `loss.png` every N steps (and at the end). Default 50.
+    pub plot_every: u64,
+    /// Accept trainable vars that get no gradient. Default false: that is candle's
+    /// gradient-dropping trap (STACK.md), so it is an error naming the vars.
+    pub allow_unused_vars: bool,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    pub ema: EmaConfig,
+    pub diffusion: DiffusionConfig,
+    /// Stage-specific model settings, read by the stage's builder.
+    pub model: serde_json::Value,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            stage: Stage::Toy,
+            out_dir: PathBuf::from("runs/toy"),
+            seed: 0,
+            steps: 200,
+            batch_size: 4,
+            grad_accum: 1,
+            checkpoint_every: 100,
+            keep_checkpoints: 2,
+            plot_every: 50,
+            allow_unused_vars: false,
+            data: DataConfig::default(),
+            optim: OptimConfig::default(),
+            ema: EmaConfig::default(),
+            diffusion: DiffusionConfig::default(),
+            model: serde_json::Value::Object(Default::default()),
+        }
+    }
+}
+
+/// Where batches come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Shapes World split. Default `train`.
+    pub split: Split,
+    /// Seed of the world's clips. Default: the run's `seed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub world_seed: Option<u64>,
+    /// Draw clip indices from `0..num_clips`. Default: unlimited (a fresh clip almost always).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_clips: Option<u64>,
+    /// Frame rate the clips are rendered at. Default 8.
+    pub fps: f32,
+    /// 4x4 supersampled renders. Default true.
+    pub antialias: bool,
+    /// The buckets; each batch is one of them. Default: 64x64, 96x64, 64x96, 112x64 at 1, 9 and
+    /// 17 frames, sizes weighted 0.4/0.2/0.2/0.2 and lengths 0.3/0.3/0.4.
+    pub buckets: Vec<Bucket>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        let sizes = [(64, 64, 0.4), (96, 64, 0.2), (64, 96, 0.2), (112, 64, 0.2)];
+        let lengths = [(1, 0.3), (9, 0.3), (17, 0.4)];
+        let mut buckets = Vec::new();
+        for &(width, height, ws) in &sizes {
+            for &(frames, wl) in &lengths {
+                buckets.push(Bucket {
+                    width,
+                    height,
+                    frames,
+                    weight: ws * wl,
+                    batch_size: None,
+                });
+            }
+        }
+        Self {
+            split: Split::Train,
+            world_seed: None,
+            num_clips: None,
+            fps: 8.0,
+            antialias: true,
+            buckets,
+        }
+    }
+}
+
+/// AdamW and its learning-rate schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate. Default 1e-3.
+    pub lr: f64,
+    /// Floor the cosine decays to. Default 1e-4.
+    pub min_lr: f64,
+    /// Linear warmup steps: step k (0-based) uses lr·(k+1)/warmup_steps. Default 100.
+    pub warmup_steps: u64,
+    /// The cosine reaches `min_lr` at this step and stays there; 0 means `steps`. Default 0.
+    pub decay_steps: u64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay. Default 0.01.
+    pub weight_decay: f64,
+    /// No weight decay on vars of rank <= 1 (biases, norm scales). Default true.
+    pub no_decay_1d: bool,
+    /// No weight decay on vars whose name contains one of these. Default none.
+    pub no_decay: Vec<String>,
+    /// Clip the global gradient norm to this (0: off). Default 1.0.
+    pub grad_clip: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 100,
+            decay_steps: 0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            no_decay_1d: true,
+            no_decay: Vec::new(),
+            grad_clip: 1.0,
+        }
+    }
+}
+
+/// Exponential moving average of the weights (the exported weights when on).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmaConfig {
+    /// Decay per step; 0 turns EMA off. Default 0.999.
+    pub decay: f64,
+    /// Use min(decay, (1+n)/(10+n)) after n updates, so early weights fade fast. Default true.
+    pub warmup: bool,
+}
+
+impl Default for EmaConfig {
+    fn default() -> Self {
+        Self {
+            decay: 0.999,
+            warmup: true,
+        }
+    }
+}
+
+/// How the diffusion loss weights timesteps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossWeighting {
+    /// Plain MSE between the prediction and the scheduler's target (v, ε or x₀).
+    None,
+    /// CogVideoX's fine-tuning loss: x̂₀ from the v-prediction, MSE against x₀ weighted by
+    /// 1/(1−ᾱ_t). For v-prediction this equals the plain v MSE in exact arithmetic.
+    Cogvideox,
+}
+
+/// The diffusion objective (used by the toy and transformer stages).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiffusionConfig {
+    /// The noise schedule, as a `CogVideoXDDIMScheduler` config. Default: CogVideoX-2b's
+    /// (v-prediction, SNR shift 3, zero terminal SNR, 1000 steps).
+    pub scheduler: CogVideoXSchedulerConfig,
+    /// Default `cogvideox`.
+    pub weighting: LossWeighting,
+}
+
+impl Default for DiffusionConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: CogVideoXSchedulerConfig::cogvideox_2b(),
+            weighting: LossWeighting::Cogvideox,
+        }
+    }
+}
+
+/// The keys that may change between a run and its resumption (they do not change the
+/// trajectory of the steps already taken... except `steps` when `optim.decay_steps` is 0, which
+/// reshapes the cosine; resuming with another `steps` is allowed and logged).
+pub const RESUMABLE_KEYS: [&str; 5] = [
+    "steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "plot_every",
+    "out_dir",
+];
+
+impl TrainConfig {
+    /// Reads a config file: TOML when the name ends in `.toml`, JSON otherwise. Errors name the
+    /// file and the key.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let is_toml = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+        let cfg = if is_toml {
+            Self::from_toml(path, &text)?
+        } else {
+            Self::from_json(path, &text)?
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Parses JSON text (`file` names it in errors). Does not validate.
+    pub fn from_json(file: &Path, text: &str) -> Result<Self> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::config(file, "<json>", format!("not valid JSON: {e}")))?;
+        Self::from_value(file, value)
+    }
+
+    /// Parses TOML text (`file` names it in errors). Does not validate.
+    pub fn from_toml(file: &Path, text: &str) -> Result<Self> {
+        let value: toml::Value = toml::from_str(text)
+            .map_err(|e| Error::config(file, "<toml>", format!("not valid TOML: {e}")))?;
+        let value = serde_json::to_value(value).map_err(|e| {
+            Error::config(file, "<toml>", format!("cannot represent as JSON: {e}"))
+        })?;
+        Self::from_value(file, value)
+    }
+
+    fn from_value(file: &Path, value: serde_json::Value) -> Result<Self> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { "<root>".to_string() } else { key };
+            Error::config(file, key, e.inner().to_string())
+        })
+    }
+
+    /// Checks values that parse but cannot train. `file` names the config in errors.
+    pub fn validate(&self, file: &Path) -> Result<()> {
+        let bad = |key: &str, msg: String| Err(Error::config(file, key, msg));
+        if self.steps == 0 {
+            return bad("steps", "expected at least 1, found 0".into());
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "expected at least 1, found 0".into());
+        }
+        if self.grad_accum == 0 {
+            return bad("grad_accum", "expected at least 1, found 0".into());
+        }
+        if self.checkpoint_every == 0 {
+            return bad("checkpoint_every", "expected at least 1, found 0".into());
+        }
+        if self.keep_checkpoints == 0 {
+            return bad("keep_checkpoints", "expected at least 1, found 0".into());
+        }
+        if self.plot_every == 0 {
+            return bad("plot_every", "expected at least 1, found 0".into());
+        }
+        if !(self.data.fps.is_finite() && self.data.fps > 0.0) {
+            return bad(
+                "data.fps",
+                format!("expected a positive number, found {}", self.data.fps),
+            );
+        }
+        if self.data.num_clips == Some(0) {
+            return bad("data.num_clips", "expected at least 1, found 0".into());
+        }
+        if self.data.buckets.is_empty() {
+            return bad("data.buckets", "expected at least one bucket, found none".into());
+        }
+        for (i, b) in self.data.buckets.iter().enumerate() {
+            b.validate()
+                .map_err(|msg| Error::config(file, format!("data.buckets[{i}]"), msg))?;
+        }
+        if self.data.buckets.iter().all(|b| b.weight == 0.0) {
+            return bad("data.buckets", "every bucket has weight 0".into());
+        }
+        let o = &self.optim;
+        let finite_pos = |x: f64| x.is_finite() && x > 0.0;
+        if !finite_pos(o.lr) {
+            return bad("optim.lr", format!("expected a positive number, found {}", o.lr));
+        }
+        if !(o.min_lr.is_finite() && o.min_lr >= 0.0 && o.min_lr <= o.lr) {
+            return bad(
+                "optim.min_lr",
+                format!("expected 0 <= min_lr <= lr ({}), found {}", o.lr, o.min_lr),
+            );
+        }
+        for (key, v) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(key, format!("expected a value in [0, 1), found {v}"));
+            }
+        }
+        if !finite_pos(o.eps) {
+            return bad("optim.eps", format!("expected a positive number, found {}", o.eps));
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            return bad(
+                "optim.weight_decay",
+                format!("expected a number >= 0, found {}", o.weight_decay),
+            );
+        }
+        if !(o.grad_clip.is_finite() && o.grad_clip >= 0.0) {
+            return bad(
+                "optim.grad_clip",
+                format!("expected a number >= 0 (0: off), found {}", o.grad_clip),
+            );
+        }
+        if o.decay_steps != 0 && o.decay_steps < o.warmup_steps {
+            return bad(
+                "optim.decay_steps",
+                format!(
+                    "{} is before the end of warmup ({})",
+                    o.decay_steps, o.warmup_steps
+                ),
+            );
+        }
+        if !(0.0..1.0).contains(&self.ema.decay) {
+            return bad(
+                "ema.decay",
+                format!("expected a value in [0, 1) (0: off), found {}", self.ema.decay),
+            );
+        }
+        if !self.model.is_object() {
+            return bad(
+                "model",
+                format!("expected a table/object of model settings, found {}", self.model),
+            );
+        }
+        self.diffusion
+            .scheduler
+            .validate(file, "CogVideoXDDIMScheduler")
+            .map_err(|e| match e {
+                Error::Config { file, key, msg } => Error::Config {
+                    file,
+                    key: format!("diffusion.scheduler.{key}"),
+                    msg,
+                },
+                other => other,
+            })?;
+        Ok(())
+    }
+
+    /// The seed of the world's clips.
+    pub fn world_seed(&self) -> u64 {
+        self.data.world_seed.unwrap_or(self.seed)
+    }
+
+    /// The keys (dotted paths) where `self` and `other` differ, ignoring [`RESUMABLE_KEYS`].
+    pub fn incompatible_keys(&self, other: &TrainConfig) -> Vec<String> {
+        let a = serde_json::to_value(self).unwrap_or_default();
+        let b = serde_json::to_value(other).unwrap_or_default();
+        let mut out = Vec::new();
+        diff_values("", &a, &b, &mut out);
+        out.retain(|k| !RESUMABLE_KEYS.contains(&k.as_str()));
+        out
+    }
+}
+
+fn diff_values(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value::Object;
+    match (a, b) {
+        (Object(x), Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match (x.get(k), y.get(k)) {
+                    (Some(u), Some(v)) => diff_values(&p, u, v, out),
+                    _ => out.push(p),
+                }
+            }
+        }
+        _ if a != b => out.push(prefix.to_string()),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_and_json_give_the_same_config() {
+        let toml = r#"
+            stage = "toy"
+            steps = 10
+            [optim]
+            lr = 2e-3
+            [data]
+            buckets = [{ width = 64, height = 64, frames = 9, weight = 1.0, batch_size = 2 }]
+            [model]
+            channels = 8
+        "#;
+        let json = r#"{"stage": "toy", "steps": 10, "optim": {"lr": 0.002},
+            "data": {"buckets": [{"width": 64, "height": 64, "frames": 9, "weight": 1.0, "batch_size": 2}]},
+            "model": {"channels": 8}}"#;
+        let a = TrainConfig::from_toml(Path::new("a.toml"), toml).unwrap();
+        let b = TrainConfig::from_json(Path::new("b.json"), json).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.optim.lr, 2e-3);
+        assert_eq!(a.optim.beta2, 0.999);
+        assert_eq!(a.data.buckets[0].batch_size, Some(2));
+        assert_eq!(a.diffusion.scheduler, CogVideoXSchedulerConfig::cogvideox_2b());
+        a.validate(Path::new("a.toml")).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = TrainConfig::from_json(Path::new("c.json"), r#"{"optim": {"lrr": 1}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.json") && e.contains("optim") && e.contains("lrr"), "{e}");
+        let e = TrainConfig::from_toml(Path::new("c.toml"), "steps = \"many\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.toml: steps"), "{e}");
+        let mut cfg = TrainConfig::default();
+        cfg.data.buckets[3].frames = 4;
+        let e = cfg.validate(Path::new("d.toml")).unwrap_err().to_string();
+        assert!(e.contains("data.buckets[3]") && e.contains("4"), "{e}");
+        cfg = TrainConfig::default();
+        cfg.optim.min_lr = 1.0;
+        let e = cfg.validate(Path::new("d.toml")).unwrap_err().to_string();
+        assert!(e.contains("optim.min_lr"), "{e}");
+    }
+
+    #[test]
+    fn default_buckets_cover_sizes_and_lengths() {
+        let d = DataConfig::default();
+        assert_eq!(d.buckets.len(), 12);
+        let total: f64 = d.buckets.iter().map(|b| b.weight).sum();
+        assert!((total - 1.0).abs() < 1e-12);
+        for (w, h) in [(64, 64), (96, 64), (64, 96), (112, 64)] {
+            for f in [1, 9, 17] {
+                assert!(d
+                    .buckets
+                    .iter()
+                    .any(|b| b.width == w && b.height == h && b.frames == f));
+            }
+        }
+        TrainConfig::default().validate(Path::new("x")).unwrap();
+    }
+
+    #[test]
+    fn incompatible_keys_ignore_resumable_ones() {
+        let a = TrainConfig::default();
+        let mut b = a.clone();
+        b.steps = 999;
+        b.checkpoint_every = 7;
+        assert!(a.incompatible_keys(&b).is_empty());
+        b.optim.lr = 5.0;
+        b.data.fps = 4.0;
+        assert_eq!(a.incompatible_keys(&b), vec!["data.fps", "optim.lr"]);
+    }
+}

@@ -1,0 +1,309 @@
+//! Batches of Shapes World clips, rendered on the fly.
+//!
+//! The batch of optimiser step `k` is a pure function of (config, seed, k): its bucket and clip
+//! indices come from a ChaCha8 stream keyed by (seed, "data") on stream `k`, so a resumed run
+//! needs no iterator state and sees exactly the batches an uninterrupted run sees. Micro-batches
+//! of one step (gradient accumulation) are drawn one after another from that step's stream.
+//!
+//! Layout at this boundary: pixels `[B, 3, F, H, W]` f32 in [-1, 1] (diffusers' VAE input),
+//! one caption per clip.
+
+use crate::config::DataConfig;
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use vdit_core::{Error, Result};
+use vdit_world::{render, sample_clip, RenderOpts};
+
+/// One bucket: a clip size and length, and how often batches come from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bucket {
+    pub width: usize,
+    pub height: usize,
+    /// 1 (an image) or 4k+1 (a video CogVideoX's VAE can encode).
+    pub frames: usize,
+    /// Relative probability; need not sum to 1 over the buckets.
+    pub weight: f64,
+    /// Clips per batch from this bucket (default: the run's `batch_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+}
+
+impl Bucket {
+    /// Checks the bucket; the message names the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.width == 0 || self.height == 0 || self.width % 16 != 0 || self.height % 16 != 0 {
+            return Err(format!(
+                "width and height must be positive multiples of 16, found {}x{}",
+                self.width, self.height
+            ));
+        }
+        if self.frames == 0 || (self.frames - 1) % 4 != 0 {
+            return Err(format!(
+                "frames must be 1 or 4k+1 (1, 5, 9, 13, 17, ...), found {}",
+                self.frames
+            ));
+        }
+        if !(self.weight.is_finite() && self.weight >= 0.0) {
+            return Err(format!("weight must be >= 0, found {}", self.weight));
+        }
+        if self.batch_size == Some(0) {
+            return Err("batch_size must be at least 1, found 0".into());
+        }
+        Ok(())
+    }
+
+    /// `WxHxF`, for logs.
+    pub fn label(&self) -> String {
+        format!("{}x{}x{}", self.width, self.height, self.frames)
+    }
+}
+
+/// One micro-batch.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// The optimiser step (0-based) and the micro-batch within it.
+    pub step: u64,
+    pub micro: usize,
+    /// Index of the bucket in the config.
+    pub bucket: usize,
+    pub width: usize,
+    pub height: usize,
+    pub frames: usize,
+    /// `[B, 3, F, H, W]` f32 in [-1, 1].
+    pub pixels: Tensor,
+    pub captions: Vec<String>,
+    /// World clip indices (under the data split and world seed).
+    pub clip_indices: Vec<u64>,
+}
+
+/// A ChaCha8 generator for `purpose` under `seed`, on stream `stream` (the step): a pure
+/// function of its arguments. Each purpose ("data", "loss", ...) gets an independent key.
+pub fn step_rng(seed: u64, purpose: &str, stream: u64) -> ChaCha8Rng {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    let p = purpose.as_bytes();
+    let n = p.len().min(24);
+    key[8..8 + n].copy_from_slice(&p[..n]);
+    let mut rng = ChaCha8Rng::from_seed(key);
+    rng.set_stream(stream);
+    rng
+}
+
+/// Picks an index with probability ∝ `weights` (all finite, >= 0, not all 0).
+pub fn weighted_choice<R: Rng + ?Sized>(weights: &[f64], rng: &mut R) -> usize {
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.random::<f64>() * total;
+    for (i, &w) in weights.iter().enumerate() {
+        if u < w {
+            return i;
+        }
+        u -= w;
+    }
+    // Rounding left u at the top: the last bucket with weight.
+    weights.iter().rposition(|&w| w > 0.0).unwrap_or(0)
+}
+
+/// The micro-batches of optimiser step `step`.
+pub fn batches_for_step(
+    data: &DataConfig,
+    seed: u64,
+    world_seed: u64,
+    default_batch: usize,
+    grad_accum: usize,
+    step: u64,
+    dev: &Device,
+) -> Result<Vec<Batch>> {
+    let mut rng = step_rng(seed, "data", step);
+    let weights: Vec<f64> = data.buckets.iter().map(|b| b.weight).collect();
+    (0..grad_accum)
+        .map(|micro| {
+            let bi = weighted_choice(&weights, &mut rng);
+            let b = &data.buckets[bi];
+            let n = b.batch_size.unwrap_or(default_batch);
+            let indices: Vec<u64> = (0..n)
+                .map(|_| match data.num_clips {
+                    Some(m) => rng.random_range(0..m),
+                    None => rng.random::<u64>(),
+                })
+                .collect();
+            let (pixels, captions) = render_clips(data, world_seed, b, &indices, dev)?;
+            Ok(Batch {
+                step,
+                micro,
+                bucket: bi,
+                width: b.width,
+                height: b.height,
+                frames: b.frames,
+                pixels,
+                captions,
+                clip_indices: indices,
+            })
+        })
+        .collect()
+}
+
+/// Renders clips `indices` of the data split at the bucket's size: pixels `[B, 3, F, H, W]`
+/// in [-1, 1] and captions.
+pub fn render_clips(
+    data: &DataConfig,
+    world_seed: u64,
+    b: &Bucket,
+    indices: &[u64],
+    dev: &Device,
+) -> Result<(Tensor, Vec<String>)> {
+    let opts = RenderOpts {
+        width: b.width,
+        height: b.height,
+        frames: b.frames,
+        fps: data.fps,
+        antialias: data.antialias,
+    };
+    opts.validate()
+        .map_err(|e| Error::invalid("data bucket", e.to_string()))?;
+    let (w, h, f) = (b.width, b.height, b.frames);
+    let plane = w * h;
+    let mut out = vec![0f32; indices.len() * 3 * f * plane];
+    let mut captions = Vec::with_capacity(indices.len());
+    for (i, &index) in indices.iter().enumerate() {
+        let (scene, text) = sample_clip(data.split, world_seed, index, opts.duration());
+        let frames = render(&scene, opts);
+        let clip = &mut out[i * 3 * f * plane..(i + 1) * 3 * f * plane];
+        for (k, frame) in frames.iter().enumerate() {
+            for (p, rgb) in frame.chunks_exact(3).enumerate() {
+                for c in 0..3 {
+                    // [3, F, H, W] within the clip.
+                    clip[(c * f + k) * plane + p] = rgb[c] as f32 / 127.5 - 1.0;
+                }
+            }
+        }
+        captions.push(text);
+    }
+    let pixels = Tensor::from_vec(out, (indices.len(), 3, f, h, w), dev)?;
+    Ok((pixels, captions))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vdit_world::Split;
+
+    fn cfg() -> DataConfig {
+        DataConfig::default()
+    }
+
+    #[test]
+    fn batches_are_a_pure_function_of_seed_and_step() {
+        let d = cfg();
+        let dev = Device::Cpu;
+        let a = batches_for_step(&d, 3, 3, 2, 2, 17, &dev).unwrap();
+        let b = batches_for_step(&d, 3, 3, 2, 2, 17, &dev).unwrap();
+        assert_eq!(a.len(), 2);
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.bucket, y.bucket);
+            assert_eq!(x.clip_indices, y.clip_indices);
+            assert_eq!(x.captions, y.captions);
+            let dx = x.pixels.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let dy = y.pixels.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(dx, dy);
+        }
+        // Another step or seed draws other clips.
+        let c = batches_for_step(&d, 3, 3, 2, 2, 18, &dev).unwrap();
+        assert_ne!(a[0].clip_indices, c[0].clip_indices);
+        let e = batches_for_step(&d, 4, 3, 2, 2, 17, &dev).unwrap();
+        assert_ne!(a[0].clip_indices, e[0].clip_indices);
+    }
+
+    #[test]
+    fn pixels_match_the_world_render() {
+        let d = cfg();
+        let b = Bucket {
+            width: 96,
+            height: 64,
+            frames: 9,
+            weight: 1.0,
+            batch_size: None,
+        };
+        let (px, caps) = render_clips(&d, 5, &b, &[7, 123456789], &Device::Cpu).unwrap();
+        assert_eq!(px.dims(), &[2, 3, 9, 64, 96]);
+        let (scene, text) = sample_clip(Split::Train, 5, 123456789, 1.0);
+        assert_eq!(caps[1], text);
+        let opts = RenderOpts {
+            width: 96,
+            height: 64,
+            frames: 9,
+            fps: 8.0,
+            antialias: true,
+        };
+        let frames = render(&scene, opts);
+        // Clip 1, channel 2 (blue), frame 8, row 10, column 50.
+        let got = px
+            .get(1)
+            .unwrap()
+            .get(2)
+            .unwrap()
+            .get(8)
+            .unwrap()
+            .get(10)
+            .unwrap()
+            .get(50)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let want = frames[8][(10 * 96 + 50) * 3 + 2] as f32 / 127.5 - 1.0;
+        assert_eq!(got, want);
+        let v = px.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|x| (-1.0..=1.0).contains(x)));
+        // Anti-aliased: some pixels are blends, not palette colours.
+        let mut levels: Vec<u32> = v.iter().map(|x| ((x + 1.0) * 127.5).round() as u32).collect();
+        levels.sort_unstable();
+        levels.dedup();
+        assert!(levels.len() > 12, "{} grey levels", levels.len());
+    }
+
+    #[test]
+    fn bucket_frequencies_follow_the_weights() {
+        let mut d = cfg();
+        d.buckets.truncate(3);
+        d.buckets[0].weight = 1.0;
+        d.buckets[1].weight = 0.0;
+        d.buckets[2].weight = 3.0;
+        let weights: Vec<f64> = d.buckets.iter().map(|b| b.weight).collect();
+        let mut counts = [0usize; 3];
+        for step in 0..4000 {
+            let mut rng = step_rng(1, "data", step);
+            counts[weighted_choice(&weights, &mut rng)] += 1;
+        }
+        assert_eq!(counts[1], 0);
+        let frac = counts[2] as f64 / 4000.0;
+        assert!((frac - 0.75).abs() < 0.03, "{counts:?}");
+    }
+
+    #[test]
+    fn mixed_batches_include_images_and_videos() {
+        let d = cfg();
+        let mut frames = std::collections::BTreeSet::new();
+        let mut sizes = std::collections::BTreeSet::new();
+        for step in 0..60 {
+            let mut rng = step_rng(0, "data", step);
+            let w: Vec<f64> = d.buckets.iter().map(|b| b.weight).collect();
+            let b = &d.buckets[weighted_choice(&w, &mut rng)];
+            frames.insert(b.frames);
+            sizes.insert((b.width, b.height));
+        }
+        assert_eq!(frames.into_iter().collect::<Vec<_>>(), vec![1, 9, 17]);
+        assert_eq!(sizes.len(), 4);
+    }
+
+    #[test]
+    fn purposes_and_streams_are_independent() {
+        let a: u64 = step_rng(0, "data", 0).random();
+        let b: u64 = step_rng(0, "loss", 0).random();
+        let c: u64 = step_rng(0, "data", 1).random();
+        let d: u64 = step_rng(1, "data", 0).random();
+        assert!(a != b && a != c && a != d && b != c);
+        assert_eq!(a, step_rng(0, "data", 0).random::<u64>());
+    }
+}

@@ -1,0 +1,278 @@
+//! The diffusion training objective, independent of any model (improved-diffusion's
+//! `training_losses`, CogVideoX's fine-tuning loss).
+//!
+//! Given clean latents x₀ `[B, F, C, h, w]` (the transformer's layout): draw one timestep per
+//! sample uniformly in [0, T) and ε ~ N(0, I), form x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε with the
+//! scheduler's `add_noise`, and the target the scheduler's prediction type asks for (v =
+//! √ᾱ_t·ε − √(1−ᾱ_t)·x₀ from `velocity` for CogVideoX). The loss is the MSE between the model's
+//! prediction and the target, or CogVideoX's form: x̂₀ = √ᾱ_t·x_t − √(1−ᾱ_t)·v̂ against x₀,
+//! weighted by 1/(1−ᾱ_t) — which for v-prediction equals the v MSE in exact arithmetic
+//! (x̂₀ − x₀ = −√(1−ᾱ_t)(v̂ − v)).
+
+use crate::config::LossWeighting;
+use candle_core::{DType, Device, Tensor};
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
+use vdit_core::{Error, Result};
+use vdit_schedulers::{PredictionType, Scheduler};
+
+/// A noised batch and its regression target.
+#[derive(Debug, Clone)]
+pub struct Noised {
+    /// One training timestep per sample, in [0, T).
+    pub timesteps: Vec<usize>,
+    /// ᾱ at each sample's timestep.
+    pub alphas_cumprod: Vec<f64>,
+    /// ε, the shape of x₀.
+    pub noise: Tensor,
+    /// x_t, the model's input.
+    pub noisy: Tensor,
+    /// What the model should predict (v, ε or x₀ by the scheduler's prediction type).
+    pub target: Tensor,
+}
+
+/// A standard-normal f32 tensor drawn from `rng` (ChaCha-stable across platforms).
+pub fn randn<R: Rng + ?Sized>(shape: &[usize], rng: &mut R, dev: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+    Ok(Tensor::from_vec(data, shape, dev)?)
+}
+
+/// `n` timesteps uniform in [0, num_train).
+pub fn sample_timesteps<R: Rng + ?Sized>(n: usize, num_train: usize, rng: &mut R) -> Vec<usize> {
+    (0..n).map(|_| rng.random_range(0..num_train)).collect()
+}
+
+/// Draws timesteps and noise from `rng`, then [`noise_batch`].
+pub fn sample_noised<R: Rng + ?Sized>(
+    sched: &dyn Scheduler,
+    x0: &Tensor,
+    rng: &mut R,
+) -> Result<Noised> {
+    let b = x0.dim(0)?;
+    let timesteps = sample_timesteps(b, sched.num_train_timesteps(), rng);
+    let noise = randn(x0.dims(), rng, x0.device())?.to_dtype(x0.dtype())?;
+    noise_batch(sched, x0, &noise, &timesteps)
+}
+
+/// x_t and the target for given timesteps (one per sample along dim 0) and noise.
+pub fn noise_batch(
+    sched: &dyn Scheduler,
+    x0: &Tensor,
+    noise: &Tensor,
+    timesteps: &[usize],
+) -> Result<Noised> {
+    let b = x0.dim(0)?;
+    if timesteps.len() != b {
+        return Err(Error::invalid(
+            "timesteps",
+            format!("{} timesteps for a batch of {b}", timesteps.len()),
+        ));
+    }
+    if noise.dims() != x0.dims() {
+        return Err(Error::invalid(
+            "noise",
+            format!("shape {:?} differs from x0's {:?}", noise.dims(), x0.dims()),
+        ));
+    }
+    let x0 = x0.detach();
+    let ac = sched.alphas_cumprod();
+    let mut noisy = Vec::with_capacity(b);
+    let mut target = Vec::with_capacity(b);
+    for (i, &t) in timesteps.iter().enumerate() {
+        let (x, e) = (x0.narrow(0, i, 1)?, noise.narrow(0, i, 1)?);
+        noisy.push(sched.add_noise(&x, &e, t)?);
+        target.push(match sched.prediction_type() {
+            PredictionType::VPrediction => sched.velocity(&x, &e, t)?,
+            PredictionType::Epsilon => e,
+            PredictionType::Sample => x,
+        });
+    }
+    Ok(Noised {
+        alphas_cumprod: timesteps.iter().map(|&t| ac[t]).collect(),
+        timesteps: timesteps.to_vec(),
+        noise: noise.clone(),
+        noisy: Tensor::cat(&noisy, 0)?,
+        target: Tensor::cat(&target, 0)?,
+    })
+}
+
+/// A per-sample scalar as a tensor broadcastable against `like` (`[B, 1, 1, ...]`).
+fn per_sample(values: &[f64], like: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![1usize; like.rank()];
+    shape[0] = values.len();
+    let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+    Ok(Tensor::from_vec(v, shape, like.device())?.to_dtype(like.dtype())?)
+}
+
+/// The scalar loss of a prediction `[B, ...]` (shape of x₀) for a noised batch: mean over
+/// samples of the per-sample mean squared error, weighted per `weighting`.
+pub fn diffusion_loss(
+    sched: &dyn Scheduler,
+    pred: &Tensor,
+    nb: &Noised,
+    x0: &Tensor,
+    weighting: LossWeighting,
+) -> Result<Tensor> {
+    if pred.dims() != nb.target.dims() {
+        return Err(Error::invalid(
+            "prediction",
+            format!(
+                "shape {:?} differs from the target's {:?}",
+                pred.dims(),
+                nb.target.dims()
+            ),
+        ));
+    }
+    match weighting {
+        LossWeighting::None => Ok((pred - &nb.target)?.sqr()?.mean_all()?),
+        LossWeighting::Cogvideox => {
+            if sched.prediction_type() != PredictionType::VPrediction {
+                return Err(Error::invalid(
+                    "diffusion.weighting",
+                    format!(
+                        "\"cogvideox\" needs a v_prediction scheduler, this one predicts {:?}; use \"none\"",
+                        sched.prediction_type()
+                    ),
+                ));
+            }
+            let sa: Vec<f64> = nb.alphas_cumprod.iter().map(|a| a.sqrt()).collect();
+            let s1a: Vec<f64> = nb.alphas_cumprod.iter().map(|a| (1.0 - a).sqrt()).collect();
+            let w: Vec<f64> = nb.alphas_cumprod.iter().map(|a| 1.0 / (1.0 - a)).collect();
+            // x̂₀ = √ᾱ·x_t − √(1−ᾱ)·v̂, per sample.
+            let x0_hat = (nb.noisy.broadcast_mul(&per_sample(&sa, pred)?)?
+                - pred.broadcast_mul(&per_sample(&s1a, pred)?)?)?;
+            let err = (x0_hat - x0.detach())?.sqr()?.broadcast_mul(&per_sample(&w, pred)?)?;
+            Ok(err.mean_all()?)
+        }
+    }
+}
+
+/// Per-sample mean squared error `[B]` in f64 (for logging loss by timestep).
+pub fn per_sample_mse(pred: &Tensor, target: &Tensor) -> Result<Vec<f64>> {
+    let b = pred.dim(0)?;
+    let d = (pred.detach() - target.detach())?
+        .to_dtype(DType::F64)?
+        .sqr()?
+        .reshape((b, ()))?
+        .mean(1)?;
+    Ok(d.to_vec1::<f64>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vdit_schedulers::{CogVideoXDDIMScheduler, CogVideoXSchedulerConfig};
+
+    fn sched() -> CogVideoXDDIMScheduler {
+        CogVideoXDDIMScheduler::new(CogVideoXSchedulerConfig::cogvideox_2b()).unwrap()
+    }
+
+    fn t(v: &[f32], dev: &Device) -> Tensor {
+        // [2, 1, 1, 1, 2]
+        Tensor::from_slice(v, (2, 1, 1, 1, 2), dev).unwrap()
+    }
+
+    fn flat(x: &Tensor) -> Vec<f32> {
+        x.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// Golden numbers from diffusers 0.42.1 (`CogVideoXDDIMScheduler` with CogVideoX-2b's
+    /// settings: `add_noise`, `get_velocity`, and the loss of its CogVideoX fine-tuning script).
+    #[test]
+    fn noising_target_and_loss_match_diffusers() {
+        let dev = Device::Cpu;
+        let s = sched();
+        let ac = s.alphas_cumprod();
+        assert!((ac[250] - 0.38905370924329624).abs() < 1e-12);
+        assert!((ac[500] - 0.09532810086292638).abs() < 1e-12);
+        assert_eq!(ac[999], 0.0);
+        let x0 = t(&[1.0, -0.5, 0.25, 2.0], &dev);
+        let eps = t(&[0.3, 0.1, -1.0, 0.5], &dev);
+        let nb = noise_batch(&s, &x0, &eps, &[250, 500]).unwrap();
+        let want_xt = [0.8582308, -0.23370779, -0.8739543, 1.0930762];
+        let want_v = [-0.594508, 0.45318943, -0.5465381, -1.7479086];
+        for (g, w) in flat(&nb.noisy).iter().zip(want_xt) {
+            assert!((g - w).abs() < 1e-6, "x_t {g} vs {w}");
+        }
+        for (g, w) in flat(&nb.target).iter().zip(want_v) {
+            assert!((g - w).abs() < 1e-6, "v {g} vs {w}");
+        }
+        let pred = (nb.target.zeros_like().unwrap() + 0.1).unwrap();
+        let plain = diffusion_loss(&s, &pred, &nb, &x0, LossWeighting::None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let cog = diffusion_loss(&s, &pred, &nb, &x0, LossWeighting::Cogvideox)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((plain - 1.1099655628204346).abs() < 1e-6, "{plain}");
+        assert!((cog - 1.1099655252931617).abs() < 1e-5, "{cog}");
+    }
+
+    /// At the zero-terminal-SNR timestep x_t is pure noise and v = −x₀.
+    #[test]
+    fn terminal_timestep_is_pure_noise() {
+        let dev = Device::Cpu;
+        let s = sched();
+        let x0 = t(&[1.0, -0.5, 0.25, 2.0], &dev);
+        let eps = t(&[0.3, 0.1, -1.0, 0.5], &dev);
+        let nb = noise_batch(&s, &x0, &eps, &[999, 999]).unwrap();
+        assert_eq!(flat(&nb.noisy), flat(&eps));
+        assert_eq!(flat(&nb.target), vec![-1.0, 0.5, -0.25, -2.0]);
+        // Predicting 0 costs mean(x0²) = (1 + 0.25 + 0.0625 + 4) / 4.
+        let loss = diffusion_loss(&s, &x0.zeros_like().unwrap(), &nb, &x0, LossWeighting::None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((loss - 1.328125).abs() < 1e-7);
+        let mse = per_sample_mse(&x0.zeros_like().unwrap(), &nb.target).unwrap();
+        assert_eq!(mse, vec![0.625, 2.03125]);
+    }
+
+    #[test]
+    fn sampled_timesteps_and_noise_are_uniform_and_standard() {
+        let dev = Device::Cpu;
+        let s = sched();
+        let mut rng = crate::data::step_rng(0, "loss", 0);
+        let ts = sample_timesteps(20000, 1000, &mut rng);
+        assert!(ts.iter().all(|&t| t < 1000));
+        let mean = ts.iter().sum::<usize>() as f64 / ts.len() as f64;
+        assert!((mean - 499.5).abs() < 8.0, "{mean}");
+        assert!(ts.contains(&0) && ts.contains(&999));
+        let x0 = Tensor::zeros((4, 3, 2, 8, 8), DType::F32, &dev).unwrap();
+        let nb = sample_noised(&s, &x0, &mut rng).unwrap();
+        assert_eq!(nb.noisy.dims(), x0.dims());
+        let n = flat(&nb.noise);
+        let m = n.iter().map(|&x| x as f64).sum::<f64>() / n.len() as f64;
+        let v = n.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / n.len() as f64;
+        assert!(m.abs() < 0.08 && (v - 1.0).abs() < 0.1, "{m} {v}");
+    }
+
+    /// The CogVideoX weighting is differentiable and gives the same gradient as the v MSE.
+    #[test]
+    fn weightings_agree_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let s = sched();
+        let mut rng = crate::data::step_rng(1, "loss", 0);
+        let x0 = randn(&[3, 2, 4, 4, 4], &mut rng, &dev).unwrap();
+        let nb = noise_batch(
+            &s,
+            &x0,
+            &randn(&[3, 2, 4, 4, 4], &mut rng, &dev).unwrap(),
+            &[10, 400, 990],
+        )
+        .unwrap();
+        let p = candle_core::Var::from_tensor(&randn(&[3, 2, 4, 4, 4], &mut rng, &dev).unwrap())
+            .unwrap();
+        let a = diffusion_loss(&s, p.as_tensor(), &nb, &x0, LossWeighting::None).unwrap();
+        let b = diffusion_loss(&s, p.as_tensor(), &nb, &x0, LossWeighting::Cogvideox).unwrap();
+        let (va, vb) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+        assert!((va - vb).abs() < 1e-4 * va, "{va} {vb}");
+        let ga = a.backward().unwrap().get(p.as_tensor()).unwrap().clone();
+        let gb = b.backward().unwrap().get(p.as_tensor()).unwrap().clone();
+        let d = vdit_core::testing::max_abs_diff(&ga, &gb).unwrap();
+        assert!(d < 1e-4, "{d}");
+    }
+}
