@@ -11,32 +11,6 @@ use vdit_models::layers::{
     linear::{Activation, Linear},
 };
 
-/// `--sdpa`: the attention kernel variants alternately (VDIT_KBLOCK values), same process.
-fn sdpa_ab() -> Result<()> {
-    let dev = Device::Cpu;
-    let (s, d, heads) = (4516, 1920, 30);
-    let q = Tensor::randn(0f32, 1.0, (1, s, d), &dev)?;
-    let k = Tensor::randn(0f32, 1.0, (1, s, d), &dev)?;
-    let v = Tensor::randn(0f32, 1.0, (1, s, d), &dev)?;
-    let variants: Vec<String> = std::env::var("VARIANTS").unwrap_or("0 512".into()).split_whitespace().map(String::from).collect();
-    let mut totals = vec![0f64; variants.len()];
-    for _ in 0..6 {
-        for (i, kb) in variants.iter().enumerate() {
-            std::env::set_var("VDIT_KBLOCK", kb);
-            let t = Instant::now();
-            attention::sdpa(&q, &k, &v, heads, 0.125)?;
-            let dt = t.elapsed().as_secs_f64();
-            totals[i] += dt;
-            print!("kb={kb}:{:.0}ms ", dt * 1e3);
-        }
-        println!();
-    }
-    for (kb, t) in variants.iter().zip(&totals) {
-        println!("kb={kb}: mean {:.0} ms, {:.1} GF/s", t / 6.0 * 1e3, 4.0 * (s * s * d) as f64 / (t / 6.0) / 1e9);
-    }
-    Ok(())
-}
-
 /// `--kernels`: times the main kernels alone at the 2B shapes (S = 4516 tokens, D = 1920).
 fn kernels() -> Result<()> {
     let dev = Device::Cpu;
@@ -115,7 +89,6 @@ fn main() -> Result<()> {
         match a.as_str() {
             "--rope" => rope = true,
             "--kernels" => return kernels(),
-            "--sdpa" => return sdpa_ab(),
             "--runs" => runs = args.next().context("--runs N")?.parse()?,
             n => nums.push(
                 n.parse::<usize>()

@@ -68,7 +68,10 @@ pub fn list(out_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
         let entry = entry.map_err(|e| Error::io(&dir, e))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             if entry.path().join("state.json").is_file() {
                 out.push((n, entry.path()));
             }
@@ -171,7 +174,10 @@ pub fn load(dir: &Path, dev: &Device) -> Result<Checkpoint> {
         return Err(Error::config(
             &sp,
             "format",
-            format!("checkpoint format {}, this build reads {FORMAT}", state.format),
+            format!(
+                "checkpoint format {}, this build reads {FORMAT}",
+                state.format
+            ),
         ));
     }
     let model = load_tensors(&dir.join("model.safetensors"), dev)?;
@@ -229,7 +235,11 @@ mod tests {
         let c = load(&dir, &dev).unwrap();
         assert_eq!(c.state.step, 15);
         let a = m["w"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = c.model["w"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = c.model["w"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(
             a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
             b.iter().map(|x| x.to_bits()).collect::<Vec<_>>()

@@ -85,7 +85,8 @@ impl Stage {
 pub struct TrainConfig {
     /// What to train. Default `toy`.
     pub stage: Stage,
-    /// Output folder (relative paths are relative to the working directory). Default `runs/<stage>`.
+    /// Output folder (relative paths are relative to the working directory). Default
+    /// `runs/<stage>`.
     pub out_dir: PathBuf,
     /// Seed of the initial weights, the batches and the noise. Default 0.
     pub seed: u64,
@@ -314,18 +315,26 @@ impl TrainConfig {
     pub fn from_toml(file: &Path, text: &str) -> Result<Self> {
         let value: toml::Value = toml::from_str(text)
             .map_err(|e| Error::config(file, "<toml>", format!("not valid TOML: {e}")))?;
-        let value = serde_json::to_value(value).map_err(|e| {
-            Error::config(file, "<toml>", format!("cannot represent as JSON: {e}"))
-        })?;
+        let value = serde_json::to_value(value)
+            .map_err(|e| Error::config(file, "<toml>", format!("cannot represent as JSON: {e}")))?;
         Self::from_value(file, value)
     }
 
     fn from_value(file: &Path, value: serde_json::Value) -> Result<Self> {
-        serde_path_to_error::deserialize(value).map_err(|e| {
+        let has_out_dir = value.get("out_dir").is_some();
+        let mut cfg: Self = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
-            let key = if key == "." { "<root>".to_string() } else { key };
+            let key = if key == "." {
+                "<root>".to_string()
+            } else {
+                key
+            };
             Error::config(file, key, e.inner().to_string())
-        })
+        })?;
+        if !has_out_dir {
+            cfg.out_dir = PathBuf::from("runs").join(cfg.stage.name());
+        }
+        Ok(cfg)
     }
 
     /// Checks values that parse but cannot train. `file` names the config in errors.
@@ -359,7 +368,10 @@ impl TrainConfig {
             return bad("data.num_clips", "expected at least 1, found 0".into());
         }
         if self.data.buckets.is_empty() {
-            return bad("data.buckets", "expected at least one bucket, found none".into());
+            return bad(
+                "data.buckets",
+                "expected at least one bucket, found none".into(),
+            );
         }
         for (i, b) in self.data.buckets.iter().enumerate() {
             b.validate()
@@ -371,7 +383,10 @@ impl TrainConfig {
         let o = &self.optim;
         let finite_pos = |x: f64| x.is_finite() && x > 0.0;
         if !finite_pos(o.lr) {
-            return bad("optim.lr", format!("expected a positive number, found {}", o.lr));
+            return bad(
+                "optim.lr",
+                format!("expected a positive number, found {}", o.lr),
+            );
         }
         if !(o.min_lr.is_finite() && o.min_lr >= 0.0 && o.min_lr <= o.lr) {
             return bad(
@@ -385,7 +400,10 @@ impl TrainConfig {
             }
         }
         if !finite_pos(o.eps) {
-            return bad("optim.eps", format!("expected a positive number, found {}", o.eps));
+            return bad(
+                "optim.eps",
+                format!("expected a positive number, found {}", o.eps),
+            );
         }
         if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
             return bad(
@@ -411,13 +429,19 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.ema.decay) {
             return bad(
                 "ema.decay",
-                format!("expected a value in [0, 1) (0: off), found {}", self.ema.decay),
+                format!(
+                    "expected a value in [0, 1) (0: off), found {}",
+                    self.ema.decay
+                ),
             );
         }
         if !self.model.is_object() {
             return bad(
                 "model",
-                format!("expected a table/object of model settings, found {}", self.model),
+                format!(
+                    "expected a table/object of model settings, found {}",
+                    self.model
+                ),
             );
         }
         self.diffusion
@@ -494,11 +518,27 @@ mod tests {
         let a = TrainConfig::from_toml(Path::new("a.toml"), toml).unwrap();
         let b = TrainConfig::from_json(Path::new("b.json"), json).unwrap();
         assert_eq!(a, b);
+        assert_eq!(a.out_dir, Path::new("runs/toy"));
+        let v = TrainConfig::from_json(Path::new("v.json"), r#"{"stage": "vae"}"#).unwrap();
+        assert_eq!(v.out_dir, Path::new("runs/vae"));
         assert_eq!(a.optim.lr, 2e-3);
         assert_eq!(a.optim.beta2, 0.999);
         assert_eq!(a.data.buckets[0].batch_size, Some(2));
-        assert_eq!(a.diffusion.scheduler, CogVideoXSchedulerConfig::cogvideox_2b());
+        assert_eq!(
+            a.diffusion.scheduler,
+            CogVideoXSchedulerConfig::cogvideox_2b()
+        );
         a.validate(Path::new("a.toml")).unwrap();
+    }
+
+    #[test]
+    fn the_shipped_toy_config_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/toy.toml");
+        let c = TrainConfig::load(&p).unwrap();
+        assert_eq!(c.stage, Stage::Toy);
+        assert_eq!(c.data.buckets.len(), 5);
+        assert_eq!(c.data.buckets[0].batch_size, Some(16));
+        assert_eq!(c.ema.decay, 0.99);
     }
 
     #[test]
@@ -506,7 +546,10 @@ mod tests {
         let e = TrainConfig::from_json(Path::new("c.json"), r#"{"optim": {"lrr": 1}}"#)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("c.json") && e.contains("optim") && e.contains("lrr"), "{e}");
+        assert!(
+            e.contains("c.json") && e.contains("optim") && e.contains("lrr"),
+            "{e}"
+        );
         let e = TrainConfig::from_toml(Path::new("c.toml"), "steps = \"many\"")
             .unwrap_err()
             .to_string();

@@ -34,13 +34,17 @@ pub struct Bucket {
 impl Bucket {
     /// Checks the bucket; the message names the field.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.width == 0 || self.height == 0 || self.width % 16 != 0 || self.height % 16 != 0 {
+        if self.width == 0
+            || self.height == 0
+            || !self.width.is_multiple_of(16)
+            || !self.height.is_multiple_of(16)
+        {
             return Err(format!(
                 "width and height must be positive multiples of 16, found {}x{}",
                 self.width, self.height
             ));
         }
-        if self.frames == 0 || (self.frames - 1) % 4 != 0 {
+        if self.frames == 0 || !(self.frames - 1).is_multiple_of(4) {
             return Err(format!(
                 "frames must be 1 or 4k+1 (1, 5, 9, 13, 17, ...), found {}",
                 self.frames
@@ -257,7 +261,10 @@ mod tests {
         let v = px.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(v.iter().all(|x| (-1.0..=1.0).contains(x)));
         // Anti-aliased: some pixels are blends, not palette colours.
-        let mut levels: Vec<u32> = v.iter().map(|x| ((x + 1.0) * 127.5).round() as u32).collect();
+        let mut levels: Vec<u32> = v
+            .iter()
+            .map(|x| ((x + 1.0) * 127.5).round() as u32)
+            .collect();
         levels.sort_unstable();
         levels.dedup();
         assert!(levels.len() > 12, "{} grey levels", levels.len());

@@ -104,7 +104,7 @@ where
             report.max_scaled_err = report.max_scaled_err.max(scaled);
             report.max_abs_grad = report.max_abs_grad.max(fd.abs());
             report.checked += 1;
-            if !(scaled <= tol) {
+            if scaled.is_nan() || scaled > tol {
                 return Err(Error::Msg(format!(
                     "gradient mismatch at input {i} (shape {:?}) element {j}: autograd {ad:.9e}, \
                      finite differences {fd:.9e} (error {err:.3e} > tol {tol:.1e})",
@@ -162,8 +162,13 @@ mod tests {
     fn check_grad_accepts_a_correct_gradient_and_rejects_a_wrong_one() {
         let dev = Device::Cpu;
         let x = Tensor::new(&[0.3f64, -1.2, 2.0], &dev).unwrap();
-        let r = check_grad(|v| v[0].sqr()?.sum_all(), std::slice::from_ref(&x), 1e-5, 1e-7)
-            .unwrap();
+        let r = check_grad(
+            |v| v[0].sqr()?.sum_all(),
+            std::slice::from_ref(&x),
+            1e-5,
+            1e-7,
+        )
+        .unwrap();
         assert_eq!(r.checked, 3);
         assert!(r.max_abs_grad > 3.9);
         // A custom op whose "gradient" is wrong: detach part of the graph.
@@ -189,15 +194,20 @@ mod tests {
         let w = Var::new(&[1f32, 2.0, 3.0, 4.0], &dev).unwrap();
         let b = Var::new(&[0.5f32, 0.5, 0.5, 0.5], &dev).unwrap();
         let x = Tensor::new(&[[1f32, -2.0, 0.5, 3.0]], &dev).unwrap();
-        let vars = vec![("ln.weight".to_string(), w.clone()), ("ln.bias".to_string(), b.clone())];
+        let vars = vec![
+            ("ln.weight".to_string(), w.clone()),
+            ("ln.bias".to_string(), b.clone()),
+        ];
         // The fast layer norm (STACK.md): its output is cut from the graph.
         let y = candle_nn::ops::layer_norm(&x, w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
         let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let e = assert_all_vars_get_grads(&vars, &g).unwrap_err().to_string();
+        let e = assert_all_vars_get_grads(&vars, &g)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("2 of 2") && e.contains("ln.weight"), "{e}");
         // The differentiable form reaches both.
-        let y = crate::diffops::layer_norm(&x, Some(w.as_tensor()), Some(b.as_tensor()), 1e-5)
-            .unwrap();
+        let y =
+            crate::diffops::layer_norm(&x, Some(w.as_tensor()), Some(b.as_tensor()), 1e-5).unwrap();
         let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         assert_all_vars_get_grads(&vars, &g).unwrap();
     }

@@ -29,7 +29,7 @@ pub type InitRule = Arc<dyn Fn(&str, &[usize], Init) -> Init + Send + Sync>;
 /// The rule used unless a model passes its own (see the module docs).
 pub fn default_rule(name: &str, shape: &[usize], hint: Init) -> Init {
     match hint {
-        Init::Const(c) if c == 0.0 => {}
+        Init::Const(0.0) => {}
         other => return other,
     }
     let last = name.rsplit('.').next().unwrap_or(name);
@@ -158,9 +158,7 @@ impl SeededVarMap {
                             .map(|_| (-b + 2.0 * b * rng.random::<f64>()) as f32)
                             .collect()
                     }
-                    NormalOrUniform::Normal => {
-                        (0..n).map(|_| normal(&mut rng, 0.0, std)).collect()
-                    }
+                    NormalOrUniform::Normal => (0..n).map(|_| normal(&mut rng, 0.0, std)).collect(),
                 }
             }
         }
@@ -194,7 +192,12 @@ impl candle_nn::var_builder::SimpleBackend for SeededVarMap {
         Ok(v.as_tensor().clone())
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let m = self.vars.lock().unwrap_or_else(|e| e.into_inner());
         match m.get(name) {
             Some(v) => v.as_tensor().to_dtype(dtype),
@@ -231,7 +234,11 @@ mod tests {
         assert_eq!(names, vec!["norm.weight", "proj.weight"]);
         // Other seed, other values; bound 1/sqrt(3).
         let c = SeededVarMap::new(8);
-        let x3 = c.var_builder(DType::F32, &dev).pp("proj").get((4, 3), "weight").unwrap();
+        let x3 = c
+            .var_builder(DType::F32, &dev)
+            .pp("proj")
+            .get((4, 3), "weight")
+            .unwrap();
         assert_ne!(x1.to_vec2::<f32>().unwrap(), x3.to_vec2::<f32>().unwrap());
         let v = x1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(v.iter().all(|x| x.abs() <= 1.0 / 3f32.sqrt()));
@@ -244,19 +251,43 @@ mod tests {
         let m = SeededVarMap::new(0);
         let vb = m.var_builder(DType::F32, &dev);
         let lin = candle_nn::linear(16, 8, vb.pp("fc")).unwrap();
-        let w = m.vars()[1].1.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        // Kaiming uniform (ReLU gain): bound sqrt(3) * sqrt(2) / sqrt(16).
-        let bound = (6.0f32 / 16.0).sqrt();
-        assert!(w.iter().all(|x| x.abs() <= bound));
-        assert!(w.iter().any(|x| x.abs() > 0.5 * bound));
+        let w = m.vars()[1]
+            .1
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = m.vars()[0].1.as_tensor().to_vec1::<f32>().unwrap();
+        // Weights: Kaiming normal (ReLU gain), std sqrt(2 / 16); biases U(±1/sqrt(16)).
+        let std = (w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32).sqrt();
+        assert!((std - 0.3536).abs() < 0.06, "{std}");
+        assert!(b.iter().all(|x| x.abs() <= 0.25) && b.iter().any(|x| *x != 0.0));
         // The layer holds the var itself: setting the var changes the layer's output.
         let x = Tensor::ones((1, 16), DType::F32, &dev).unwrap();
-        let before = lin.forward(&x).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let before = lin
+            .forward(&x)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let (_, wv) = &m.vars()[1];
         wv.set(&wv.as_tensor().zeros_like().unwrap()).unwrap();
         let (_, bv) = &m.vars()[0];
-        let after = lin.forward(&x).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        let bias_sum = bv.as_tensor().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let after = lin
+            .forward(&x)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let bias_sum = bv
+            .as_tensor()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_ne!(before, after);
         assert!((after - bias_sum).abs() < 1e-6);
         // Asking again for an existing name with another shape is an error.
@@ -270,7 +301,10 @@ mod tests {
         let vb = m.var_builder(DType::F32, &dev);
         vb.get((2, 2), "a.weight").unwrap();
         let mut t = HashMap::new();
-        t.insert("a.weight".to_string(), Tensor::ones((2, 2), DType::F32, &dev).unwrap());
+        t.insert(
+            "a.weight".to_string(),
+            Tensor::ones((2, 2), DType::F32, &dev).unwrap(),
+        );
         m.load(&t, "ckpt").unwrap();
         assert_eq!(
             m.vars()[0].1.as_tensor().to_vec2::<f32>().unwrap(),
@@ -280,7 +314,10 @@ mod tests {
         let e = m.load(&t, "ckpt").unwrap_err().to_string();
         assert!(e.contains("\"b\""), "{e}");
         t.remove("b");
-        t.insert("a.weight".to_string(), Tensor::ones(4, DType::F32, &dev).unwrap());
+        t.insert(
+            "a.weight".to_string(),
+            Tensor::ones(4, DType::F32, &dev).unwrap(),
+        );
         let e = m.load(&t, "ckpt").unwrap_err().to_string();
         assert!(e.contains("[4]") && e.contains("[2, 2]"), "{e}");
     }

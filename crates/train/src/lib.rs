@@ -36,5 +36,5 @@ pub use config::{Stage, TrainConfig};
 pub use data::{Batch, Bucket};
 pub use init::SeededVarMap;
 pub use log::LogRecord;
-pub use trainable::{LossOutput, Trainable};
+pub use trainable::{component, save_weights, LossOutput, Trainable};
 pub use trainer::{train, Control, Progress, Summary};

@@ -71,7 +71,11 @@ pub fn read_log(path: &Path) -> Result<Vec<LogRecord>> {
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
             serde_json::from_str(l).map_err(|e| {
-                Error::config(path, format!("line {}", i + 1), format!("not a log record: {e}"))
+                Error::config(
+                    path,
+                    format!("line {}", i + 1),
+                    format!("not a log record: {e}"),
+                )
             })
         })
         .collect()
@@ -99,7 +103,10 @@ mod tests {
             metrics: m,
         };
         write_log(&p, std::slice::from_ref(&r)).unwrap();
-        let r2 = LogRecord { step: 2, ..r.clone() };
+        let r2 = LogRecord {
+            step: 2,
+            ..r.clone()
+        };
         append_log(&p, &r2).unwrap();
         let back = read_log(&p).unwrap();
         assert_eq!(back, vec![r.clone(), r2]);

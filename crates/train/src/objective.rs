@@ -142,7 +142,9 @@ pub fn diffusion_loss(
             // x̂₀ = √ᾱ·x_t − √(1−ᾱ)·v̂, per sample.
             let x0_hat = (nb.noisy.broadcast_mul(&per_sample(&sa, pred)?)?
                 - pred.broadcast_mul(&per_sample(&s1a, pred)?)?)?;
-            let err = (x0_hat - x0.detach())?.sqr()?.broadcast_mul(&per_sample(&w, pred)?)?;
+            let err = (x0_hat - x0.detach())?
+                .sqr()?
+                .broadcast_mul(&per_sample(&w, pred)?)?;
             Ok(err.mean_all()?)
         }
     }
@@ -157,6 +159,29 @@ pub fn per_sample_mse(pred: &Tensor, target: &Tensor) -> Result<Vec<f64>> {
         .reshape((b, ()))?
         .mean(1)?;
     Ok(d.to_vec1::<f64>()?)
+}
+
+/// A sample of the diagonal Gaussian posterior N(mean, exp(logvar)) by reparameterisation,
+/// mean + exp(logvar/2)·ε with ε from `rng` (diffusers' `DiagonalGaussianDistribution.sample`,
+/// logvar clamped to [-30, 20] as there). Differentiable in `mean` and `logvar`.
+pub fn posterior_sample<R: Rng + ?Sized>(
+    mean: &Tensor,
+    logvar: &Tensor,
+    rng: &mut R,
+) -> Result<Tensor> {
+    let eps = randn(mean.dims(), rng, mean.device())?.to_dtype(mean.dtype())?;
+    let std = (logvar.clamp(-30.0, 20.0)? * 0.5)?.exp()?;
+    Ok((mean + std.mul(&eps)?)?)
+}
+
+/// KL(N(mean, exp(logvar)) ‖ N(0, I)) per sample, `[B]`: 0.5·Σ(mean² + var − 1 − logvar) over
+/// every dim but the first (diffusers' `DiagonalGaussianDistribution.kl()` sums over C, H, W;
+/// here over all of them, frames included). logvar is clamped to [-30, 20] as there.
+pub fn kl_diag_gaussian(mean: &Tensor, logvar: &Tensor) -> Result<Tensor> {
+    let b = mean.dim(0)?;
+    let lv = logvar.clamp(-30.0, 20.0)?;
+    let kl = ((mean.sqr()? + lv.exp()?)? - 1.0)?.sub(&lv)?;
+    Ok((kl.reshape((b, ()))?.sum(1)? * 0.5)?)
 }
 
 #[cfg(test)]
@@ -207,8 +232,8 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!((plain - 1.1099655628204346).abs() < 1e-6, "{plain}");
-        assert!((cog - 1.1099655252931617).abs() < 1e-5, "{cog}");
+        assert!((plain - 1.109_965_6).abs() < 1e-6, "{plain}");
+        assert!((cog - 1.109_965_5).abs() < 1e-5, "{cog}");
     }
 
     /// At the zero-terminal-SNR timestep x_t is pure noise and v = −x₀.
@@ -274,5 +299,56 @@ mod tests {
         let gb = b.backward().unwrap().get(p.as_tensor()).unwrap().clone();
         let d = vdit_core::testing::max_abs_diff(&ga, &gb).unwrap();
         assert!(d < 1e-4, "{d}");
+    }
+
+    #[test]
+    fn vae_posterior_and_kl() {
+        let dev = Device::Cpu;
+        // KL of N(mean, var) against N(0, 1), summed: per element 0.5 (m² + v − 1 − ln v).
+        let mean = Tensor::new(&[[0.5f64, -1.0], [0.0, 0.0]], &dev).unwrap();
+        let logvar = Tensor::new(&[[0.0f64, 2f64.ln()], [0.0, 0.0]], &dev).unwrap();
+        let kl = kl_diag_gaussian(&mean, &logvar)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let want0 = 0.5 * (0.25 + 1.0 - 1.0 - 0.0) + 0.5 * (1.0 + 2.0 - 1.0 - 2f64.ln());
+        assert!((kl[0] - want0).abs() < 1e-12, "{kl:?}");
+        assert_eq!(kl[1], 0.0);
+        crate::gradcheck::check_grad(
+            |v| kl_diag_gaussian(&v[0], &v[1]).map_err(|e| candle_core::Error::Msg(e.to_string())),
+            &[mean.clone(), logvar.clone()],
+            1e-6,
+            1e-6,
+        )
+        .unwrap();
+        // The sample: mean + exp(logvar / 2) ε, with ε the stream's normals.
+        let mut r1 = crate::data::step_rng(3, "loss", 0);
+        let mut r2 = crate::data::step_rng(3, "loss", 0);
+        let z = posterior_sample(&mean, &logvar, &mut r1).unwrap();
+        let eps = randn(&[2, 2], &mut r2, &dev)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let want = (&mean
+            + (logvar.clone() * 0.5)
+                .unwrap()
+                .exp()
+                .unwrap()
+                .mul(&eps)
+                .unwrap())
+        .unwrap();
+        assert!(vdit_core::testing::max_abs_diff(&z, &want).unwrap() < 1e-15);
+        let r3 = crate::data::step_rng(3, "loss", 0);
+        crate::gradcheck::check_grad(
+            |v| {
+                let mut r = r3.clone();
+                posterior_sample(&v[0], &v[1], &mut r)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            },
+            &[mean, logvar],
+            1e-6,
+            1e-6,
+        )
+        .unwrap();
     }
 }

@@ -115,7 +115,12 @@ impl AdamW {
 
     /// One update of every var with a gradient in `grads` at learning rate `lr`. Vars without a
     /// gradient are left alone (their moments too), as in torch.
-    pub fn step(&mut self, vars: &NamedVars, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        vars: &NamedVars,
+        grads: &BTreeMap<String, Tensor>,
+        lr: f64,
+    ) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
@@ -353,7 +358,10 @@ mod tests {
         }
         let got = vars[1].1.as_tensor().to_vec1::<f32>().unwrap();
         for i in 0..3 {
-            assert!((got[i] as f64 - want[i]).abs() < 1e-6, "{got:?} vs {want:?}");
+            assert!(
+                (got[i] as f64 - want[i]).abs() < 1e-6,
+                "{got:?} vs {want:?}"
+            );
         }
         // The var without gradients did not move.
         assert_eq!(vars[0].1.as_tensor().to_vec1::<f32>().unwrap(), b0);
@@ -368,9 +376,18 @@ mod tests {
             ..cfg()
         };
         let vars: NamedVars = vec![
-            ("norm.weight".into(), Var::zeros(4, DType::F32, &dev).unwrap()),
-            ("proj.weight".into(), Var::zeros((4, 4), DType::F32, &dev).unwrap()),
-            ("embed.weight".into(), Var::zeros((4, 4), DType::F32, &dev).unwrap()),
+            (
+                "norm.weight".into(),
+                Var::zeros(4, DType::F32, &dev).unwrap(),
+            ),
+            (
+                "proj.weight".into(),
+                Var::zeros((4, 4), DType::F32, &dev).unwrap(),
+            ),
+            (
+                "embed.weight".into(),
+                Var::zeros((4, 4), DType::F32, &dev).unwrap(),
+            ),
         ];
         let opt = AdamW::new(&c, &vars).unwrap();
         assert_eq!(opt.decays("norm.weight"), Some(false));

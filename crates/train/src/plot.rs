@@ -40,7 +40,10 @@ pub fn plot_loss(path: &Path, records: &[LogRecord]) -> Result<()> {
     let img = render_plot(records);
     let mut bytes = Vec::new();
     image::DynamicImage::ImageRgb8(img)
-        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
         .map_err(|e| Error::Msg(format!("{}: cannot encode PNG: {e}", path.display())))?;
     crate::checkpoint::write_atomic(path, &bytes)
 }
@@ -68,7 +71,9 @@ pub fn render_plot(records: &[LogRecord]) -> RgbImage {
     let sm = smooth(&ys);
     let (mut lo, mut hi) = ys
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
     if hi - lo < 1e-9 {
         lo -= 0.5;
         hi += 0.5;
@@ -83,7 +88,13 @@ pub fn render_plot(records: &[LogRecord]) -> RgbImage {
         let y = py(f(t));
         hline(&mut img, x0, x1, y, GRID);
         let label = fmt_num(t);
-        text(&mut img, x0 - 6 - 12 * label.len() as i64, y - 7, &label, TEXT);
+        text(
+            &mut img,
+            x0 - 6 - 12 * label.len() as i64,
+            y - 7,
+            &label,
+            TEXT,
+        );
     }
     for t in x_ticks(smin, smax) {
         let x = px(t);
@@ -94,7 +105,10 @@ pub fn render_plot(records: &[LogRecord]) -> RgbImage {
     axes(&mut img, x0, x1, y0, y1);
     for (series, colour, thick) in [(&ys, RAW, false), (&sm, SMOOTH, true)] {
         for i in 1..pts.len() {
-            let (a, b) = ((px(pts[i - 1].0), py(series[i - 1])), (px(pts[i].0), py(series[i])));
+            let (a, b) = (
+                (px(pts[i - 1].0), py(series[i - 1])),
+                (px(pts[i].0), py(series[i])),
+            );
             line(&mut img, a, b, colour);
             if thick {
                 line(&mut img, (a.0, a.1 + 1), (b.0, b.1 + 1), colour);
@@ -150,7 +164,10 @@ fn y_ticks(lo: f64, hi: f64, log: bool) -> Vec<f64> {
 }
 
 fn x_ticks(lo: f64, hi: f64) -> Vec<f64> {
-    nice_ticks(lo, hi).into_iter().filter(|v| *v >= 0.0).collect()
+    nice_ticks(lo, hi)
+        .into_iter()
+        .filter(|v| *v >= 0.0)
+        .collect()
 }
 
 /// About six ticks at a 1-2-5 spacing covering [lo, hi].
@@ -274,7 +291,12 @@ fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, c: Rgb<u8>) {
             for col in 0..5 {
                 if bits & (0x10 >> col) != 0 {
                     for (a, b) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                        put(img, x + 12 * k as i64 + 2 * col + a, y + 2 * row as i64 + b, c);
+                        put(
+                            img,
+                            x + 12 * k as i64 + 2 * col + a,
+                            y + 2 * row as i64 + b,
+                            c,
+                        );
                     }
                 }
             }
@@ -307,7 +329,14 @@ mod tests {
     #[test]
     fn a_falling_loss_is_drawn_falling() {
         let recs: Vec<LogRecord> = (1..=300)
-            .map(|s| rec(s, 2.0 * (-(s as f64) / 80.0).exp() + 0.05 + 0.02 * ((s * 7919) % 13) as f64 / 13.0))
+            .map(|s| {
+                rec(
+                    s,
+                    2.0 * (-(s as f64) / 80.0).exp()
+                        + 0.05
+                        + 0.02 * ((s * 7919) % 13) as f64 / 13.0,
+                )
+            })
             .collect();
         let dir = std::env::temp_dir().join(format!("vdit-train-plot-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -316,7 +345,8 @@ mod tests {
         let img = image::open(&p).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), (WIDTH, HEIGHT));
         let left = row_of(&img, LEFT as u32 + 20, SMOOTH).expect("smoothed curve at the left");
-        let right = row_of(&img, WIDTH - RIGHT as u32 - 5, SMOOTH).expect("smoothed curve at the right");
+        let right =
+            row_of(&img, WIDTH - RIGHT as u32 - 5, SMOOTH).expect("smoothed curve at the right");
         assert!(left + 150 < right, "left {left} right {right}");
         let raw = (LEFT as u32..WIDTH - RIGHT as u32)
             .filter(|&x| row_of(&img, x, RAW).is_some())
@@ -333,9 +363,15 @@ mod tests {
         assert_eq!(fmt_num(0.05), "0.05");
         assert_eq!(fmt_num(2000.0), "2000");
         assert_eq!(fmt_num(1e-4), "1e-4");
-        assert_eq!(nice_ticks(0.0, 300.0), vec![0.0, 50.0, 100.0, 150.0, 200.0, 250.0, 300.0]);
+        assert_eq!(
+            nice_ticks(0.0, 300.0),
+            vec![0.0, 50.0, 100.0, 150.0, 200.0, 250.0, 300.0]
+        );
         let t = y_ticks(-1.3, 0.4, true);
-        assert!(t.contains(&0.1) && t.contains(&1.0) && t.contains(&2.0), "{t:?}");
+        assert!(
+            t.contains(&0.1) && t.contains(&1.0) && t.contains(&2.0),
+            "{t:?}"
+        );
         // Empty and constant logs still draw.
         render_plot(&[]);
         render_plot(&[rec(1, 0.5), rec(2, 0.5)]);

@@ -15,7 +15,6 @@ use crate::trainable::{LossOutput, Trainable};
 use candle_core::{DType, Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::Path;
 use vdit_core::{Error, Result};
 use vdit_schedulers::CogVideoXDDIMScheduler;
@@ -61,7 +60,11 @@ impl ToyModel {
         let tc: ToyConfig = serde_path_to_error::deserialize(cfg.model.clone()).map_err(|e| {
             Error::config(file, format!("model.{}", e.path()), e.inner().to_string())
         })?;
-        if tc.channels == 0 || tc.groups == 0 || tc.channels % tc.groups != 0 || tc.channels % 2 != 0 {
+        if tc.channels == 0
+            || tc.groups == 0
+            || !tc.channels.is_multiple_of(tc.groups)
+            || !tc.channels.is_multiple_of(2)
+        {
             return Err(Error::config(
                 file,
                 "model.channels",
@@ -72,14 +75,21 @@ impl ToyModel {
             ));
         }
         if tc.pool == 0 {
-            return Err(Error::config(file, "model.pool", "expected at least 1, found 0"));
+            return Err(Error::config(
+                file,
+                "model.pool",
+                "expected at least 1, found 0",
+            ));
         }
         for (i, b) in cfg.data.buckets.iter().enumerate() {
             if b.width % tc.pool != 0 || b.height % tc.pool != 0 {
                 return Err(Error::config(
                     file,
                     format!("data.buckets[{i}]"),
-                    format!("{}x{} is not divisible by model.pool = {}", b.width, b.height, tc.pool),
+                    format!(
+                        "{}x{} is not divisible by model.pool = {}",
+                        b.width, b.height, tc.pool
+                    ),
                 ));
             }
         }
@@ -152,9 +162,15 @@ impl ToyModel {
         )?
         .reshape((b, c, 1, 1, 1))?;
         let h = h.broadcast_add(&temb)?;
-        let h = silu(&group_norm(&h, self.cfg.groups, Some(&self.norm.0), Some(&self.norm.1), 1e-6)?)?;
+        let h = silu(&group_norm(
+            &h,
+            self.cfg.groups,
+            Some(&self.norm.0),
+            Some(&self.norm.1),
+            1e-6,
+        )?)?;
         let out = conv3d(&h, &self.conv_out.0, Some(&self.conv_out.1), 1, 1, 1, 1)?; // [B, 3, F, h, w]
-        // [B, 3, F, h, w] -> [B, F, 3, h, w]
+                                                                                     // [B, 3, F, h, w] -> [B, F, 3, h, w]
         Ok(out.permute((0, 2, 1, 3, 4))?.contiguous()?)
     }
 }
@@ -174,10 +190,7 @@ impl Trainable for ToyModel {
 
     fn export(&self, dir: &Path, weights: &[(String, Tensor)]) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let map: HashMap<String, Tensor> = weights.iter().cloned().collect();
-        let p = dir.join("toy.safetensors");
-        candle_core::safetensors::save(&map, &p)
-            .map_err(|e| Error::Weights(format!("{}: {e}", p.display())))?;
+        crate::trainable::save_weights(&dir.join("toy.safetensors"), weights)?;
         let json = serde_json::to_vec_pretty(&self.cfg).map_err(|e| Error::Msg(e.to_string()))?;
         crate::checkpoint::write_atomic(&dir.join("config.json"), &json)
     }
@@ -226,6 +239,9 @@ mod tests {
             ..Default::default()
         };
         let e = ToyModel::new(&cfg, &Device::Cpu).err().unwrap().to_string();
-        assert!(e.contains("data.buckets[0]") && e.contains("pool = 5"), "{e}");
+        assert!(
+            e.contains("data.buckets[0]") && e.contains("pool = 5"),
+            "{e}"
+        );
     }
 }

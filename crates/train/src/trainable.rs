@@ -57,3 +57,54 @@ pub trait Trainable {
         Ok(())
     }
 }
+
+/// The weights named `<prefix>.<key>`, renamed `<key>`: one component of a joint stage (e.g.
+/// `component(weights, "transformer")` for `transformer/diffusion_pytorch_model.safetensors`).
+pub fn component(weights: &[(String, Tensor)], prefix: &str) -> Vec<(String, Tensor)> {
+    let p = format!("{prefix}.");
+    weights
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix(&p).map(|s| (s.to_string(), v.clone())))
+        .collect()
+}
+
+/// Writes named weights as one safetensors file (contiguous f32 as they are).
+pub fn save_weights(path: &Path, weights: &[(String, Tensor)]) -> Result<()> {
+    let map: std::collections::HashMap<String, Tensor> = weights.iter().cloned().collect();
+    if map.len() != weights.len() {
+        return Err(vdit_core::Error::Weights(format!(
+            "{}: duplicate tensor names",
+            path.display()
+        )));
+    }
+    candle_core::safetensors::save(&map, path)
+        .map_err(|e| vdit_core::Error::Weights(format!("{}: cannot write: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn components_split_by_prefix() {
+        let t = Tensor::new(&[1f32], &Device::Cpu).unwrap();
+        let w = vec![
+            ("text_encoder.shared.weight".to_string(), t.clone()),
+            ("transformer.proj_out.bias".to_string(), t.clone()),
+            ("transformerx.bias".to_string(), t),
+        ];
+        let c: Vec<String> = component(&w, "transformer")
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
+        assert_eq!(c, vec!["proj_out.bias"]);
+        let dir = std::env::temp_dir().join(format!("vdit-train-comp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("m.safetensors");
+        save_weights(&p, &component(&w, "text_encoder")).unwrap();
+        let back = vdit_core::testing::load_tensors(&p).unwrap();
+        assert!(back.contains_key("shared.weight") && back.len() == 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

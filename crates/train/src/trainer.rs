@@ -98,7 +98,10 @@ pub fn train(
         return Err(Error::Msg("the model has no trainable vars".into()));
     }
     if let Some(w) = vars.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(Error::Msg(format!("two trainable vars are named {:?}", w[0].0)));
+        return Err(Error::Msg(format!(
+            "two trainable vars are named {:?}",
+            w[0].0
+        )));
     }
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = AdamW::new(&cfg.optim, &vars)?;
@@ -223,7 +226,11 @@ pub fn train(
                     out.loss.dims()
                 )));
             }
-            let lv = out.loss.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
+            let lv = out
+                .loss
+                .to_dtype(candle_core::DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?[0];
             if !lv.is_finite() {
                 return Err(Error::Msg(format!(
                     "the loss is {lv} at step {} (bucket {}x{}x{}): lower optim.lr or check the data",
@@ -325,9 +332,12 @@ pub fn train(
                 log: log.clone(),
             };
             let (optim_tensors, _) = opt.state_tensors();
-            let ema_tensors: Option<HashMap<String, Tensor>> = ema
-                .as_ref()
-                .map(|e| e.weights().iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+            let ema_tensors: Option<HashMap<String, Tensor>> = ema.as_ref().map(|e| {
+                e.weights()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            });
             last_ckpt = Some(checkpoint::save(
                 out,
                 &state,
@@ -346,7 +356,11 @@ pub fn train(
     let export = if step >= cfg.steps {
         let dir = export_dir(cfg);
         let weights: Vec<(String, Tensor)> = match &ema {
-            Some(e) => e.weights().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Some(e) => e
+                .weights()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             None => vars
                 .iter()
                 .map(|(k, v)| (k.clone(), v.as_tensor().detach()))

@@ -23,7 +23,7 @@
 //! Memory stays bounded: per task, `kt` input bands plus one accumulator tile (a few MB at real
 //! widths), and the output.
 
-use super::video::{silu, Video};
+use super::video::{has_avx2, silu, Video};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
@@ -97,28 +97,34 @@ impl ConvWeights {
         let (cout, cin, kt) = (self.cout, self.cin, self.kt);
         assert_eq!((self.kh, self.kw), (3, 3), "winograd: 3x3 kernels only");
         let mut u = vec![0f32; kt * cin * 16 * cout];
-        u.par_chunks_mut(16 * cout)
+        // Tasks over (dt, block of CB input channels): per output channel the task reads one
+        // contiguous run of the torch layout, and writes its 16*CB rows column by column.
+        let cb = if cin % 16 == 0 { 16 } else { 1 };
+        u.par_chunks_mut(cb * 16 * cout)
             .enumerate()
-            .for_each(|(blk, m)| {
-                let (dt, ci) = (blk / cin, blk % cin);
+            .for_each(|(blk, chunk)| {
+                let (dt, ci0) = (blk / (cin / cb), (blk % (cin / cb)) * cb);
                 for co in 0..cout {
-                    let g: [f64; 9] =
-                        std::array::from_fn(|k| self.w[((co * cin + ci) * kt + dt) * 9 + k] as f64);
-                    // G g: rows [g0, (g0+g1+g2)/2, (g0-g1+g2)/2, g2] of 3 columns each
-                    let mut gg = [[0f64; 3]; 4];
-                    for j in 0..3 {
-                        let (a, b, c) = (g[j], g[3 + j], g[6 + j]);
-                        gg[0][j] = a;
-                        gg[1][j] = 0.5 * (a + b + c);
-                        gg[2][j] = 0.5 * (a - b + c);
-                        gg[3][j] = c;
-                    }
-                    // (G g) G^T: each row [a, (a+b+c)/2, (a-b+c)/2, c]
-                    for (r, row) in gg.iter().enumerate() {
-                        let (a, b, c) = (row[0], row[1], row[2]);
-                        let vals = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-                        for (k, v) in vals.iter().enumerate() {
-                            m[(r * 4 + k) * cout + co] = *v as f32;
+                    for dc in 0..cb {
+                        let base = ((co * cin + ci0 + dc) * kt + dt) * 9;
+                        let g: [f64; 9] = std::array::from_fn(|k| self.w[base + k] as f64);
+                        // G g: rows [g0, (g0+g1+g2)/2, (g0-g1+g2)/2, g2] of 3 columns each
+                        let mut gg = [[0f64; 3]; 4];
+                        for j in 0..3 {
+                            let (a, b, c) = (g[j], g[3 + j], g[6 + j]);
+                            gg[0][j] = a;
+                            gg[1][j] = 0.5 * (a + b + c);
+                            gg[2][j] = 0.5 * (a - b + c);
+                            gg[3][j] = c;
+                        }
+                        // (G g) G^T: each row [a, (a+b+c)/2, (a-b+c)/2, c]
+                        let m = &mut chunk[dc * 16 * cout..][..16 * cout];
+                        for (r, row) in gg.iter().enumerate() {
+                            let (a, b, c) = (row[0], row[1], row[2]);
+                            let vals = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+                            for (k, v) in vals.iter().enumerate() {
+                                m[(r * 4 + k) * cout + co] = *v as f32;
+                            }
                         }
                     }
                 }
@@ -360,21 +366,6 @@ pub fn virtual_frames(
     out
 }
 
-/// Whether the band kernels can run their AVX2 + FMA build (the crate's baseline is SSE2, so
-/// the transform and element-wise loops vectorise 4-wide otherwise). FMA is enabled for the
-/// build only; no loop here asks for fused multiply-adds, so results are identical.
-#[inline]
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// A raw output pointer shared by band tasks that write disjoint rows.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -394,6 +385,39 @@ impl OutPtr {
         unsafe {
             std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(off), src.len());
         }
+    }
+}
+
+/// Per-thread scratch memory reused by band tasks, so that the tens of MB each task needs are
+/// not freshly mapped (and page-faulted) for every band of every convolution. Contents are
+/// arbitrary on `take`; it goes back to the thread on drop.
+struct Scratch {
+    buf: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Scratch {
+    fn take(n: usize) -> Self {
+        let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        if buf.len() < n {
+            buf.resize(n, 0.0);
+        }
+        Self { buf }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        SCRATCH.with(|s| {
+            let mut cur = s.borrow_mut();
+            if cur.len() < buf.len() {
+                *cur = buf;
+            }
+        });
     }
 }
 
@@ -644,7 +668,6 @@ impl DirectJob<'_> {
         let nr_out = rows.min(h_out - r0);
         let nr_in = (nr_out - 1) * s + kh;
         let slot_len = nr_in * wp * cin;
-        let mut slots = vec![0f32; kt * slot_len];
         // GEMM rows: stride 1 computes over the padded width (dropping the last kw-1 positions);
         // stride > 1 runs one GEMM per output row.
         let m_tile = if s == 1 {
@@ -652,7 +675,10 @@ impl DirectJob<'_> {
         } else {
             nr_out * w_out
         };
-        let mut tile = vec![0f32; m_tile * cout];
+        let mut scratch = Scratch::take(kt * slot_len + m_tile * cout);
+        let (slots, tile) = scratch.buf.split_at_mut(kt * slot_len);
+        slots.fill(0.0); // the zero padding
+        let tile = &mut tile[..m_tile * cout];
         for v in 0..p.tv {
             let slot = &mut slots[(v % kt) * slot_len..][..slot_len];
             let frame = virtual_frame(front, p.nfront, v);
@@ -679,7 +705,7 @@ impl DirectJob<'_> {
                             rs: cin,
                             cs: 1,
                         };
-                        gemm(m_tile, cout, kw * cin, &mut tile, cout, true, lhs, rhs);
+                        gemm(m_tile, cout, kw * cin, tile, cout, true, lhs, rhs);
                     } else {
                         for r in 0..nr_out {
                             let lhs = Mat {
@@ -841,28 +867,26 @@ impl WinoJob<'_> {
         let nt_rows = trows.min(th - tr0);
         let m = nt_rows * tw; // tiles in this band = GEMM rows
         let nr_in = 2 * nt_rows + 2;
-        let mut padded = vec![0f32; nr_in * wp * cin];
-        // d B of every row: [row][tile column][b][cin]
-        let mut hrow = vec![0f32; nr_in * tw * 4 * cin];
-        // transformed input, one ring slot per temporal tap: [tile][xi][cin]
         let vlen = m * 16 * cin;
-        let mut vslots = vec![0f32; kt * vlen];
-        // GEMM results [tile][xi][cout], then A^T m per tile: [a'][b][cout]
-        let mut acc = vec![0f32; m * 16 * cout];
-        let mut sbuf = vec![0f32; 8 * cout];
-        let mut orow = vec![0f32; 2 * 2 * tw * cout];
+        let sizes = [
+            nr_in * wp * cin,     // zero-padded input band
+            nr_in * tw * 4 * cin, // d B of every row: [row][tile column][b][cin]
+            kt * vlen, // transformed input, one ring slot per temporal tap: [tile][xi][cin]
+            m * 16 * cout, // GEMM results [tile][xi][cout]
+            8 * cout,  // A^T m of one tile: [a'][b][cout]
+            2 * 2 * tw * cout, // two output rows
+        ];
+        let mut scratch = Scratch::take(sizes.iter().sum());
+        let (padded, rest) = scratch.buf.split_at_mut(sizes[0]);
+        let (hrow, rest) = rest.split_at_mut(sizes[1]);
+        let (vslots, rest) = rest.split_at_mut(sizes[2]);
+        let (acc, rest) = rest.split_at_mut(sizes[3]);
+        let (sbuf, rest) = rest.split_at_mut(sizes[4]);
+        let orow = &mut rest[..sizes[5]];
+        padded.fill(0.0); // the zero padding
         for v in 0..p.tv {
             let frame = virtual_frame(front, p.nfront, v);
-            fill_band(
-                src,
-                frame,
-                &p,
-                2 * tr0 as isize - 1,
-                nr_in,
-                wp,
-                1,
-                &mut padded,
-            );
+            fill_band(src, frame, &p, 2 * tr0 as isize - 1, nr_in, wp, 1, padded);
             // horizontal pass: hrow[r][j][b] = sum_l d[r][2j + l] B[l][b]
             for (r, hr) in hrow.chunks_exact_mut(tw * 4 * cin).enumerate() {
                 let prow = &padded[r * wp * cin..][..wp * cin];

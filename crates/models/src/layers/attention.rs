@@ -49,13 +49,6 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -> Res
     {
         let (qv, kv, vv) = (F32View::new(&q)?, F32View::new(&k)?, F32View::new(&v)?);
         let (qs, ks, vs) = (qv.slice(), kv.slice(), vv.slice());
-        let kblk: usize = std::env::var("VDIT_KBLOCK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-        if kblk > 0 {
-            let qblk: usize = std::env::var("VDIT_QBLOCK").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
-            flash(qs, ks, vs, &mut out, (b, sq, sk, heads, dh), scale, qblk, kblk);
-            drop((qv, kv, vv));
-            return Tensor::from_vec(out, (b, sq, d), q.device());
-        }
         let qblk = q_block(sk);
         let blocks = sq.div_ceil(qblk);
         let tasks = b * heads * blocks;
@@ -121,101 +114,6 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -> Res
         );
     }
     Tensor::from_vec(out, (b, sq, d), q.device())
-}
-
-/// Key-blocked attention with an online softmax: per task (batch, head, `qblk` query rows) the
-/// scores of one `kblk`-key block at a time (`qblk × kblk`, kept in L2), the running max/sum per
-/// row, and a `qblk × dh` accumulator rescaled as the max grows.
-fn flash(
-    qs: &[f32],
-    ks: &[f32],
-    vs: &[f32],
-    out: &mut [f32],
-    (b, sq, sk, heads, dh): (usize, usize, usize, usize, usize),
-    scale: f32,
-    qblk: usize,
-    kblk: usize,
-) {
-    let d = heads * dh;
-    let ds = d as isize;
-    let blocks = sq.div_ceil(qblk);
-    let tasks = b * heads * blocks;
-    let optr = SendPtr(out.as_mut_ptr());
-    (0..tasks).into_par_iter().for_each_init(
-        || {
-            (
-                vec![0f32; qblk * kblk],
-                vec![0f32; qblk * dh],
-                vec![0f32; qblk],
-                vec![0f32; qblk],
-                vec![0f32; qblk],
-            )
-        },
-        |(tile, acc, m, l, corr), task| {
-            let bi = task / (heads * blocks);
-            let h = (task / blocks) % heads;
-            let i0 = (task % blocks) * qblk;
-            let rows = qblk.min(sq - i0);
-            let q0 = (bi * sq + i0) * d + h * dh;
-            let kv0 = bi * sk * d + h * dh;
-            m[..rows].fill(f32::NEG_INFINITY);
-            l[..rows].fill(0.0);
-            acc[..rows * dh].fill(0.0);
-            let mut j0 = 0;
-            while j0 < sk {
-                let cols = kblk.min(sk - j0);
-                // SAFETY: tile is rows×cols (row stride cols) within its qblk·kblk floats; q rows
-                // and the k/v block rows j0..j0+cols of batch bi, head h are inside the slices.
-                unsafe {
-                    cpu::sgemm(
-                        rows,
-                        cols,
-                        dh,
-                        tile.as_mut_ptr(),
-                        (cols as isize, 1),
-                        false,
-                        qs.as_ptr().add(q0),
-                        (ds, 1),
-                        ks.as_ptr().add(kv0 + j0 * d),
-                        (1, ds),
-                        1,
-                    );
-                }
-                cpu::online_softmax_block(&mut tile[..rows * cols], cols, scale, &mut m[..rows], &mut l[..rows], &mut corr[..rows]);
-                for (r, &c) in corr[..rows].iter().enumerate() {
-                    for x in &mut acc[r * dh..(r + 1) * dh] {
-                        *x *= c;
-                    }
-                }
-                // SAFETY: acc is rows×dh (row stride dh); tile rows×cols; v block as above.
-                unsafe {
-                    cpu::sgemm(
-                        rows,
-                        dh,
-                        cols,
-                        acc.as_mut_ptr(),
-                        (dh as isize, 1),
-                        true,
-                        tile.as_ptr(),
-                        (cols as isize, 1),
-                        vs.as_ptr().add(kv0 + j0 * d),
-                        (ds, 1),
-                        1,
-                    );
-                }
-                j0 += cols;
-            }
-            let o = optr;
-            for r in 0..rows {
-                let inv = 1.0 / l[r];
-                // SAFETY: row i0+r, columns h·dh..h·dh+dh of batch bi belong to this task alone.
-                let dst = unsafe { std::slice::from_raw_parts_mut(o.0.add(q0 + r * d), dh) };
-                for (x, &a) in dst.iter_mut().zip(&acc[r * dh..(r + 1) * dh]) {
-                    *x = a * inv;
-                }
-            }
-        },
-    );
 }
 
 /// Candle form of [`sdpa`] (any device and dtype; differentiable), chunked over heads so that

@@ -285,53 +285,6 @@ pub fn softmax_unnormalised(x: &mut [f32], cols: usize, scale: f32, sums: &mut [
     simd_dispatch!(softmax_unnormalised_generic, (x: &mut [f32], cols: usize, scale: f32, sums: &mut [f32]))
 }
 
-/// One key block of an online softmax (flash-attention style). For each of the `rows` rows of
-/// `x` (`cols` raw scores each): the running max `m` (already scaled) is raised to cover the
-/// block, `x ← exp(scale·x − m)`, the running sum `l` is rescaled and increased, and `corr`
-/// receives `exp(m_old − m_new)`, the factor the caller must apply to its output accumulator.
-#[inline(always)]
-fn online_softmax_block_generic<const FMA: bool>(
-    x: &mut [f32],
-    cols: usize,
-    scale: f32,
-    m: &mut [f32],
-    l: &mut [f32],
-    corr: &mut [f32],
-) {
-    for (((row, m), l), corr) in x.chunks_exact_mut(cols).zip(m.iter_mut()).zip(l.iter_mut()).zip(corr.iter_mut()) {
-        let block_max = row_max(row) * scale;
-        let new_m = if block_max > *m { block_max } else { *m };
-        // exp(−inf) = 0 for the first block: the accumulators are empty anyway
-        *corr = if *m == f32::NEG_INFINITY { 0.0 } else { exp_f32_impl::<FMA>(*m - new_m) };
-        *m = new_m;
-        let shift = -new_m;
-        let mut acc = [0f32; LANES];
-        let mut chunks = row.chunks_exact_mut(LANES);
-        for c in &mut chunks {
-            for i in 0..LANES {
-                let e = exp_f32_impl::<FMA>(madd::<FMA>(c[i], scale, shift));
-                c[i] = e;
-                acc[i] += e;
-            }
-        }
-        let mut s: f32 = acc.iter().sum();
-        for v in chunks.into_remainder() {
-            let e = exp_f32_impl::<FMA>(madd::<FMA>(*v, scale, shift));
-            *v = e;
-            s += e;
-        }
-        *l = *l * *corr + s;
-    }
-}
-
-/// See [`online_softmax_block_generic`].
-pub fn online_softmax_block(x: &mut [f32], cols: usize, scale: f32, m: &mut [f32], l: &mut [f32], corr: &mut [f32]) {
-    simd_dispatch!(
-        online_softmax_block_generic,
-        (x: &mut [f32], cols: usize, scale: f32, m: &mut [f32], l: &mut [f32], corr: &mut [f32])
-    )
-}
-
 // -------------------------------------------------------------------------------------- GELU
 
 /// GELU, tanh form: `0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))`, computed as the equal
