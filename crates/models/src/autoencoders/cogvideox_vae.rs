@@ -20,9 +20,12 @@
 //!   and caches, in-place blending order and cropping; on by default above the tile size.
 //!
 //! Computation: the VAE always computes in f32 on the CPU with the kernels of
-//! [`super::conv3d`] (candle has no conv3d), channels last, one sample at a time. Weights are
-//! read from the `VarBuilder` in its dtype (like a diffusers model loaded with `torch_dtype`)
-//! and kept as f32; outputs are returned in the input's dtype and on the input's device.
+//! [`super::conv3d`] (candle has no conv3d on any device), channels last (`[T, H, W, C]`), one
+//! sample at a time. Weights are read from the `VarBuilder` in its dtype (like a diffusers model
+//! loaded with `torch_dtype`) and kept as f32; outputs are returned in the input's dtype and on
+//! the input's device. Norms and SiLU are applied as the next conv reads its input, the nearest
+//! upsampling is an index map, residual adds go into the existing buffer, and the last frame
+//! batch keeps no conv cache, so a resnet holds at most its input and two conv outputs.
 
 use super::conv3d::{self, ConvWeights, Front, Geom, Pre, Source, UpMaps};
 use super::video::{self, nearest_map, Video};
@@ -453,15 +456,19 @@ impl CausalConv3d {
         })
     }
 
-    /// `x` `[T, H, W, Cin]` read through `pre` -> `[T, H, W, Cout]`; updates the cache slot.
-    fn forward(&self, x: &Video, pre: &Pre, cache: &mut Cache) -> Video {
+    /// `x` `[T, H, W, Cin]` read through `pre` -> `[T, H, W, Cout]` (added into `acc` when
+    /// given); updates the cache slot.
+    fn forward(&self, x: &Video, pre: &Pre, cache: &mut Cache, acc: Option<Video>) -> Video {
         let src = Source { x, up: None, pre };
         let prev = cache.slots[self.slot].take();
         let front = match &prev {
             Some(c) => Front::Cache(c),
             None => Front::ReplicateFirst,
         };
-        let out = conv3d::conv(&src, &front, &self.w, Geom::same(1));
+        let out = match acc {
+            Some(acc) => conv3d::conv_add(&src, &front, &self.w, Geom::same(1), acc),
+            None => conv3d::conv(&src, &front, &self.w, Geom::same(1)),
+        };
         if cache.keep {
             let tv = x.t + 2;
             cache.slots[self.slot] = Some(conv3d::virtual_frames(&src, &front, 2, tv - 2..tv));
@@ -528,9 +535,9 @@ impl SpatialNorm3D {
 
     fn prepare(&self, f: &Video, zq: &Video) -> Prepared {
         let (scale, shift) = self.norm.affine(f);
-        let y = conv3d::pointwise(zq, &self.conv_y, None).expect("pointwise returns its output");
-        let b = conv3d::pointwise(zq, &self.conv_b, None).expect("pointwise returns its output");
-        // zq frames -> f frames; with an odd f frame count > 1 frame 0 is resized on its own.
+        let y = conv3d::pointwise(zq, &self.conv_y); // [Tz, hz, wz, Cf]
+        let b = conv3d::pointwise(zq, &self.conv_b); // [Tz, hz, wz, Cf]
+                                                     // zq frames -> f frames; with an odd f frame count > 1 frame 0 is resized on its own.
         let tmap = if f.t > 1 && f.t % 2 == 1 {
             let rest = zq.t.saturating_sub(1).max(1);
             std::iter::once(0)
@@ -670,20 +677,23 @@ impl ResnetBlock3D {
         })
     }
 
+    /// `x` `[T, H, W, Cin]` -> `[T, H, W, Cout]`: `conv2(act(norm2(conv1(act(norm1(x)))))) + shortcut(x)`,
+    /// norms and SiLU fused into the convs that read them.
     fn forward(&self, x: Video, zq: Option<&Video>, cache: &mut Cache) -> Video {
         let n1 = self.norm1.prepare(&x, zq);
-        let h = self.conv1.forward(&x, &n1.pre_silu(), cache);
+        let h = self.conv1.forward(&x, &n1.pre_silu(), cache, None); // [T, H, W, Cout]
         drop(n1);
         let n2 = self.norm2.prepare(&h, zq);
-        let mut out = self.conv2.forward(&h, &n2.pre_silu(), cache);
-        drop((h, n2));
         match &self.shortcut {
             Some(w) => {
-                conv3d::pointwise(&x, w, Some(&mut out));
+                let mut out = self.conv2.forward(&h, &n2.pre_silu(), cache, None);
+                drop((h, n2));
+                conv3d::pointwise_add(&x, w, &mut out);
+                out
             }
-            None => video::add_assign(&mut out.data, &x.data),
+            // same channels: conv2's output is added straight into x's buffer
+            None => self.conv2.forward(&h, &n2.pre_silu(), cache, Some(x)),
         }
-        out
     }
 }
 
@@ -848,7 +858,7 @@ impl Encoder {
 
     /// One frame batch `[T, H, W, 3]` -> `[T', h, w, 2 * latent]`.
     fn forward(&self, x: &Video, cache: &mut Cache) -> Video {
-        let mut h = self.conv_in.forward(x, &Pre::Identity, cache);
+        let mut h = self.conv_in.forward(x, &Pre::Identity, cache, None); // [T, H, W, C0]
         for blk in &self.down_blocks {
             for r in &blk.resnets {
                 h = r.forward(h, None, cache);
@@ -861,15 +871,12 @@ impl Encoder {
             h = r.forward(h, None, cache);
         }
         let (scale, shift) = self.norm_out.affine(&h);
-        self.conv_out.forward(
-            &h,
-            &Pre::Affine {
-                scale: &scale,
-                shift: &shift,
-                silu: true,
-            },
-            cache,
-        )
+        let pre = Pre::Affine {
+            scale: &scale,
+            shift: &shift,
+            silu: true,
+        };
+        self.conv_out.forward(&h, &pre, cache, None) // [T', h, w, 2 * latent]
     }
 }
 
@@ -947,7 +954,7 @@ impl Decoder {
 
     /// One latent frame batch `z` `[T, h, w, latent]` -> `[T', H, W, out]`.
     fn forward(&self, z: &Video, cache: &mut Cache) -> Video {
-        let mut h = self.conv_in.forward(z, &Pre::Identity, cache);
+        let mut h = self.conv_in.forward(z, &Pre::Identity, cache, None); // [T, h, w, C_last]
         for r in &self.mid {
             h = r.forward(h, Some(z), cache);
         }
@@ -960,7 +967,7 @@ impl Decoder {
             }
         }
         let n = self.norm_out.prepare(&h, z);
-        self.conv_out.forward(&h, &n.pre_silu(), cache)
+        self.conv_out.forward(&h, &n.pre_silu(), cache, None) // [T, H, W, out]
     }
 }
 
@@ -1247,9 +1254,13 @@ impl AutoencoderKLCogVideoX {
                 Chw::from_video(&self.decode_video(&v))
             };
             shape = (dec.c, dec.t, dec.h, dec.w);
-            out.extend_from_slice(&dec.data);
+            if b == 1 {
+                out = dec.data; // no copy of a possibly large single video
+            } else {
+                out.extend_from_slice(&dec.data);
+            }
         }
-        let (c, t, h, w) = shape;
+        let (c, t, h, w) = shape; // [B, C, F', H, W]
         Tensor::from_vec(out, (b, c, t, h, w), &Device::Cpu)?
             .to_dtype(z.dtype())?
             .to_device(z.device())

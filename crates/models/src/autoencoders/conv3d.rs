@@ -368,7 +368,11 @@ pub fn virtual_frames(
 
 /// A raw output pointer shared by band tasks that write disjoint rows.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+struct OutPtr {
+    ptr: *mut f32,
+    /// Add into the existing values instead of overwriting them.
+    add: bool,
+}
 // SAFETY: the pointer is only used to write disjoint regions (each band task owns its rows of
 // every frame), and the buffer outlives the parallel loop.
 #[allow(unsafe_code)]
@@ -377,13 +381,26 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
-    /// Copies `src` to element offset `off`. Callers guarantee that `off..off + src.len()` is in
-    /// bounds and written by no other task.
+    fn new(out: &mut Video, add: bool) -> Self {
+        Self {
+            ptr: out.data.as_mut_ptr(),
+            add,
+        }
+    }
+
+    /// Copies (or adds) `src` to element offset `off`. Callers guarantee that
+    /// `off..off + src.len()` is in bounds and touched by no other task.
     fn write(self, off: usize, src: &[f32]) {
-        // SAFETY: see above; `src` is a separate allocation of the calling task.
+        // SAFETY: see above; `src` is a separate allocation of the calling task, so the two
+        // ranges do not overlap.
         #[allow(unsafe_code)]
         unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(off), src.len());
+            if self.add {
+                let dst = std::slice::from_raw_parts_mut(self.ptr.add(off), src.len());
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            } else {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(off), src.len());
+            }
         }
     }
 }
@@ -574,16 +591,51 @@ fn fill_band(
 /// With `front` = [`Front::None`] and `kt = 1` this is a per-frame Conv2d. 3x3 stride-1 convs
 /// with padding 1 use the Winograd kernel, others the direct one.
 pub fn conv(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Video {
+    conv_impl(src, front, wt, g, None)
+}
+
+/// `acc + conv(...)` computed into `acc`'s buffer (a resnet's residual add, without allocating
+/// the convolution's output). `acc` must have the output's shape and must not be `src.x`.
+pub fn conv_add(src: &Source, front: &Front, wt: &ConvWeights, g: Geom, acc: Video) -> Video {
+    conv_impl(src, front, wt, g, Some(acc))
+}
+
+fn conv_impl(src: &Source, front: &Front, wt: &ConvWeights, g: Geom, acc: Option<Video>) -> Video {
     let pads = (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right);
     if (wt.kh, wt.kw, g.stride, pads) == (3, 3, 1, (1, 1, 1, 1)) {
-        conv_winograd(src, front, wt)
+        winograd_impl(src, front, wt, acc)
     } else {
-        conv_direct(src, front, wt, g)
+        direct_impl(src, front, wt, g, acc)
+    }
+}
+
+/// The output buffer: `acc` (checked, added into) or a new zeroed one.
+fn output(acc: Option<Video>, t: usize, h: usize, w: usize, c: usize) -> (Video, bool) {
+    match acc {
+        Some(a) => {
+            assert_eq!(
+                (a.t, a.h, a.w, a.c),
+                (t, h, w, c),
+                "conv: accumulator shape"
+            );
+            (a, true)
+        }
+        None => (Video::zeros(t, h, w, c), false),
     }
 }
 
 /// The direct kernel (any kernel size, stride and padding).
 pub fn conv_direct(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Video {
+    direct_impl(src, front, wt, g, None)
+}
+
+fn direct_impl(
+    src: &Source,
+    front: &Front,
+    wt: &ConvWeights,
+    g: Geom,
+    acc: Option<Video>,
+) -> Video {
     let p = plan(src, front, wt, g);
     let (cout, s) = (wt.cout, g.stride);
     let (h_out, w_out) = (p.h_out, p.w_out);
@@ -596,8 +648,8 @@ pub fn conv_direct(src: &Source, front: &Front, wt: &ConvWeights, g: Geom) -> Vi
     };
     let (rows, nbands) = plan_bands(h_out, target);
 
-    let mut out = Video::zeros(p.t_out, h_out, w_out, cout);
-    let out_ptr = OutPtr(out.data.as_mut_ptr());
+    let (mut out, add) = output(acc, p.t_out, h_out, w_out, cout);
+    let out_ptr = OutPtr::new(&mut out, add);
 
     let job = DirectJob {
         src,
@@ -683,7 +735,7 @@ impl DirectJob<'_> {
             let slot = &mut slots[(v % kt) * slot_len..][..slot_len];
             let frame = virtual_frame(front, p.nfront, v);
             let y0 = (r0 * s) as isize - g.pad_top as isize;
-            fill_band(src, frame, &p, y0, nr_in, wp, g.pad_left, slot);
+            fill_band(src, frame, p, y0, nr_in, wp, g.pad_left, slot);
             if v + 1 < kt {
                 continue;
             }
@@ -792,14 +844,18 @@ fn split4(s: &mut [f32], n: usize) -> [&mut [f32]; 4] {
 
 /// The Winograd F(2x2, 3x3) kernel (3x3 spatial taps, stride 1, zero padding 1, any `kt`).
 pub fn conv_winograd(src: &Source, front: &Front, wt: &ConvWeights) -> Video {
+    winograd_impl(src, front, wt, None)
+}
+
+fn winograd_impl(src: &Source, front: &Front, wt: &ConvWeights, acc: Option<Video>) -> Video {
     let p = plan(src, front, wt, Geom::same(1));
     let (h, w) = (p.h, p.w);
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let u = wt.winograd_u();
     let (trows, nbands) = plan_bands(th, TARGET_M.div_ceil(tw));
 
-    let mut out = Video::zeros(p.t_out, h, w, wt.cout);
-    let out_ptr = OutPtr(out.data.as_mut_ptr());
+    let (mut out, add) = output(acc, p.t_out, h, w, wt.cout);
+    let out_ptr = OutPtr::new(&mut out, add);
 
     let job = WinoJob {
         src,
@@ -886,7 +942,7 @@ impl WinoJob<'_> {
         padded.fill(0.0); // the zero padding
         for v in 0..p.tv {
             let frame = virtual_frame(front, p.nfront, v);
-            fill_band(src, frame, &p, 2 * tr0 as isize - 1, nr_in, wp, 1, padded);
+            fill_band(src, frame, p, 2 * tr0 as isize - 1, nr_in, wp, 1, padded);
             // horizontal pass: hrow[r][j][b] = sum_l d[r][2j + l] B[l][b]
             for (r, hr) in hrow.chunks_exact_mut(tw * 4 * cin).enumerate() {
                 let prow = &padded[r * wp * cin..][..wp * cin];
@@ -976,67 +1032,62 @@ impl WinoJob<'_> {
     }
 }
 
-/// 1x1x1 convolution: `x[P, cin] * W + bias`; with `acc`, the result is added to `acc` (same
-/// shape as the output) instead of returned in a new buffer.
-pub fn pointwise(x: &Video, wt: &ConvWeights, acc: Option<&mut Video>) -> Option<Video> {
+/// 1x1x1 convolution `x[P, cin] * W + bias` of the pixels of one chunk into `dst` (`add`: into
+/// `dst += ...`, the bias-initialised product first, as PyTorch adds a conv output to a tensor).
+fn pointwise_chunk(wt: &ConvWeights, xs: &[f32], dst: &mut [f32], add: bool) {
+    let (cin, cout) = (wt.cin, wt.cout);
+    let m = xs.len() / cin;
+    let mut tile = vec![0f32; m * cout];
+    for px in tile.chunks_exact_mut(cout) {
+        px.copy_from_slice(&wt.bias);
+    }
+    let lhs = Mat {
+        data: xs,
+        rs: cin,
+        cs: 1,
+    };
+    // W^T as the right operand: (ci, co) of the torch weight [cout, cin] is at co * cin + ci
+    let rhs = Mat {
+        data: &wt.w,
+        rs: 1,
+        cs: cin,
+    };
+    gemm(m, cout, cin, &mut tile, cout, true, lhs, rhs);
+    if add {
+        dst.iter_mut().zip(&tile).for_each(|(d, t)| *d += t);
+    } else {
+        dst.copy_from_slice(&tile);
+    }
+}
+
+/// Pixels per pointwise task.
+const POINTWISE_CHUNK: usize = 1024;
+
+/// 1x1x1 convolution: `[T, H, W, cin]` -> `[T, H, W, cout]`.
+pub fn pointwise(x: &Video, wt: &ConvWeights) -> Video {
     assert_eq!((wt.kt, wt.kh, wt.kw), (1, 1, 1), "pointwise: kernel");
     assert_eq!(x.c, wt.cin, "pointwise: input channels");
-    let (cin, cout) = (wt.cin, wt.cout);
-    const CHUNK: usize = 1024;
-    let run = |dst: &mut [f32], xs: &[f32], add: bool| {
-        let m = xs.len() / cin;
-        let mut tile = vec![0f32; m * cout];
-        for px in tile.chunks_exact_mut(cout) {
-            px.copy_from_slice(&wt.bias);
-        }
-        // W^T as the right operand: element (ci, co) of the torch weight [cout, cin] is at co*cin + ci
-        let rhs = Mat {
-            data: &wt.w,
-            rs: 1,
-            cs: cin,
-        };
-        gemm(
-            m,
-            cout,
-            cin,
-            &mut tile,
-            cout,
-            true,
-            Mat {
-                data: xs,
-                rs: cin,
-                cs: 1,
-            },
-            rhs,
-        );
-        if add {
-            dst.iter_mut().zip(&tile).for_each(|(d, t)| *d += t);
-        } else {
-            dst.copy_from_slice(&tile);
-        }
-    };
-    match acc {
-        Some(acc) => {
-            assert_eq!(
-                (acc.t, acc.h, acc.w, acc.c),
-                (x.t, x.h, x.w, cout),
-                "pointwise: acc shape"
-            );
-            acc.data
-                .par_chunks_mut(CHUNK * cout)
-                .zip(x.data.par_chunks(CHUNK * cin))
-                .for_each(|(d, xs)| run(d, xs, true));
-            None
-        }
-        None => {
-            let mut out = Video::zeros(x.t, x.h, x.w, cout);
-            out.data
-                .par_chunks_mut(CHUNK * cout)
-                .zip(x.data.par_chunks(CHUNK * cin))
-                .for_each(|(d, xs)| run(d, xs, false));
-            Some(out)
-        }
-    }
+    let mut out = Video::zeros(x.t, x.h, x.w, wt.cout);
+    out.data
+        .par_chunks_mut(POINTWISE_CHUNK * wt.cout)
+        .zip(x.data.par_chunks(POINTWISE_CHUNK * wt.cin))
+        .for_each(|(d, xs)| pointwise_chunk(wt, xs, d, false));
+    out
+}
+
+/// `acc += pointwise(x, wt)` without allocating the product (a resnet's 1x1x1 shortcut).
+pub fn pointwise_add(x: &Video, wt: &ConvWeights, acc: &mut Video) {
+    assert_eq!((wt.kt, wt.kh, wt.kw), (1, 1, 1), "pointwise: kernel");
+    assert_eq!(x.c, wt.cin, "pointwise: input channels");
+    assert_eq!(
+        (acc.t, acc.h, acc.w, acc.c),
+        (x.t, x.h, x.w, wt.cout),
+        "pointwise: acc shape"
+    );
+    acc.data
+        .par_chunks_mut(POINTWISE_CHUNK * wt.cout)
+        .zip(x.data.par_chunks(POINTWISE_CHUNK * wt.cin))
+        .for_each(|(d, xs)| pointwise_chunk(wt, xs, d, true));
 }
 
 #[cfg(test)]
@@ -1175,6 +1226,69 @@ mod tests {
     }
 
     #[test]
+    fn conv_add_equals_conv_plus_acc() {
+        let mut seed = 31;
+        let (h, w, c) = (5, 6, 9);
+        let x = Video::new(2, h, w, c, rand_vec(2 * h * w * c, &mut seed));
+        let acc = Video::new(2, h, w, c, rand_vec(2 * h * w * c, &mut seed));
+        let dims = [c, c, 3, 3, 3];
+        let wt = ConvWeights::from_torch(
+            &rand_vec(dims.iter().product(), &mut seed),
+            &dims,
+            vec![0.1; c],
+        );
+        let src = Source {
+            x: &x,
+            up: None,
+            pre: &Pre::Identity,
+        };
+        let plain = conv(&src, &Front::ReplicateFirst, &wt, Geom::same(1));
+        let want: Vec<f32> = plain
+            .data
+            .iter()
+            .zip(&acc.data)
+            .map(|(a, b)| a + b)
+            .collect();
+        let got = conv_add(
+            &src,
+            &Front::ReplicateFirst,
+            &wt,
+            Geom::same(1),
+            acc.clone(),
+        );
+        assert_eq!(got.data, want);
+        // the direct kernel too (stride 2)
+        let g = Geom {
+            stride: 2,
+            pad_top: 0,
+            pad_left: 0,
+            pad_bottom: 1,
+            pad_right: 1,
+        };
+        let dims = [c, c, 1, 3, 3];
+        let wt = ConvWeights::from_torch(
+            &rand_vec(dims.iter().product(), &mut seed),
+            &dims,
+            vec![0.1; c],
+        );
+        let plain = conv(&src, &Front::None, &wt, g);
+        let acc2 = Video::new(
+            plain.t,
+            plain.h,
+            plain.w,
+            c,
+            rand_vec(plain.data.len(), &mut seed),
+        );
+        let want: Vec<f32> = plain
+            .data
+            .iter()
+            .zip(&acc2.data)
+            .map(|(a, b)| a + b)
+            .collect();
+        assert_eq!(conv_add(&src, &Front::None, &wt, g, acc2).data, want);
+    }
+
+    #[test]
     fn strided_conv2d_matches_naive() {
         let mut seed = 11;
         let (t, h, w, cin, cout) = (2, 9, 8, 3, 4);
@@ -1305,11 +1419,11 @@ mod tests {
         let wv = rand_vec(12, &mut seed);
         let b = rand_vec(3, &mut seed);
         let wt = ConvWeights::from_torch(&wv, &dims, b.clone());
-        let got = pointwise(&x, &wt, None).expect("output");
+        let got = pointwise(&x, &wt);
         let want = naive(&x, &wv, dims, &b, Geom::same(0), 0);
         assert!(max_diff(&got.data, &want.data) < 1e-5);
         let mut acc = got.clone();
-        pointwise(&x, &wt, Some(&mut acc));
+        pointwise_add(&x, &wt, &mut acc);
         let twice: Vec<f32> = got.data.iter().map(|v| 2.0 * v).collect();
         assert!(max_diff(&acc.data, &twice) < 1e-5);
     }

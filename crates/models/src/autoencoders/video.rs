@@ -255,14 +255,6 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp_f32(-x))
 }
 
-/// `dst += src`, in parallel.
-pub fn add_assign(dst: &mut [f32], src: &[f32]) {
-    assert_eq!(dst.len(), src.len());
-    dst.par_chunks_mut(1 << 16)
-        .zip(src.par_chunks(1 << 16))
-        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(a, b)| *a += b));
-}
-
 /// CogVideoX's temporal compression (`CogVideoXDownsample3D` with `compress_time`):
 /// `avg_pool1d(2)` over time, with frame 0 kept alone when the frame count is odd.
 pub fn time_avg_pool(x: &Video) -> Video {
