@@ -46,7 +46,7 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -> Res
     }
     let dh = d / heads;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let mut out = vec![0f32; b * sq * d];
+    let mut out = cpu::zeroed(b * sq * d);
     {
         let (qv, kv, vv) = (F32View::new(&q)?, F32View::new(&k)?, F32View::new(&v)?);
         let (qs, ks, vs) = (qv.slice(), kv.slice(), vv.slice());
@@ -56,7 +56,7 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -> Res
         let optr = SendPtr(out.as_mut_ptr());
         let ds = d as isize;
         (0..tasks).into_par_iter().for_each_init(
-            || (vec![0f32; qblk * sk], vec![0f32; qblk]),
+            || (cpu::zeroed(qblk * sk), vec![0f32; qblk]),
             |(scores, sums), task| {
                 let bi = task / (heads * blocks);
                 let h = (task / blocks) % heads;
@@ -190,7 +190,7 @@ pub fn head_norm_rope(
     let rope = rope
         .map(|(c, s)| -> Result<_> { Ok((c.contiguous()?, s.contiguous()?)) })
         .transpose()?;
-    let mut out = vec![0f32; b * s * d];
+    let mut out = cpu::zeroed(b * s * d);
     {
         let xv = F32View::new(&x)?;
         let (wv, bv) = (

@@ -61,6 +61,12 @@ unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
 
+/// A zeroed f32 buffer for a kernel's output. (Backing fresh buffers with transparent huge
+/// pages was tried: page zeroing, not faulting, dominates, so it gained nothing.)
+pub(crate) fn zeroed(n: usize) -> Vec<f32> {
+    vec![0f32; n]
+}
+
 /// Number of worker threads for the parallel kernels.
 pub(crate) fn num_threads() -> usize {
     rayon::current_num_threads().max(1)

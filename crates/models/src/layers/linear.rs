@@ -91,7 +91,7 @@ impl Linear {
         let rows = x.elem_count() / in_dim;
         let mut out_shape = x.dims().to_vec();
         *out_shape.last_mut().expect("non-scalar") = out_dim;
-        let mut out = vec![0f32; rows * out_dim];
+        let mut out = cpu::zeroed(rows * out_dim);
         {
             let xv = F32View::new(&x)?;
             let wv = F32View::new(&self.weight)?;

@@ -107,7 +107,7 @@ impl LayerNorm {
             return self.forward_joint_candle(x, split, first, rest);
         }
         let x = x.contiguous()?;
-        let mut out = vec![0f32; b * s * d];
+        let mut out = cpu::zeroed(b * s * d);
         {
             let xv = F32View::new(&x)?;
             let w = self.weight.as_ref().map(|t| t.contiguous()).transpose()?;
@@ -248,7 +248,7 @@ pub fn gated_residual(
     }
     let (x, y) = (x.contiguous()?, y.contiguous()?);
     let (gf, gr) = (gate_first.contiguous()?, gate_rest.contiguous()?);
-    let mut out = vec![0f32; b * s * d];
+    let mut out = cpu::zeroed(b * s * d);
     {
         let (xv, yv, gfv, grv) = (
             F32View::new(&x)?,
