@@ -28,7 +28,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 /// GEMM rows (M) a band aims for.
-const TARGET_M: usize = 512;
+const TARGET_M: usize = 256;
 
 /// Convolution weights in PyTorch's layout `[Cout, Cin, kt, kh, kw]` (row-major) and bias.
 #[derive(Clone, Debug)]
