@@ -131,9 +131,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("secs={:.3}", d.as_secs_f64());
         return Ok(());
     }
-    let scripts = args.reference_scripts.clone().unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/bench")
-    });
+    let scripts = args
+        .reference_scripts
+        .clone()
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/bench"));
     let reference = !args.no_reference && args.reference_python.is_file() && scripts.is_dir();
     if !reference && !args.no_reference {
         eprintln!(
@@ -164,7 +165,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let mut line = format!("{:<58} {:>9.2}s", w.name, ours);
         if reference {
             let mut cmd = Command::new(&args.reference_python);
-            cmd.arg(scripts.join(w.script)).args(w.args).env("HF_HUB_OFFLINE", "1");
+            cmd.arg(scripts.join(w.script))
+                .args(w.args)
+                .env("HF_HUB_OFFLINE", "1");
             if let Some((k, v)) = w.env {
                 cmd.env(k, v);
             }

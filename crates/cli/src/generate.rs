@@ -96,7 +96,10 @@ pub fn default_model() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/vdit-shapes");
-    shipped.join("model_index.json").is_file().then_some(shipped)
+    shipped
+        .join("model_index.json")
+        .is_file()
+        .then_some(shipped)
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -114,7 +117,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let model = match args.model.clone().or_else(default_model) {
         Some(m) => m,
-        None => bail!("no --model given and no default model found (set VDIT_MODEL or pass --model DIR)"),
+        None => bail!(
+            "no --model given and no default model found (set VDIT_MODEL or pass --model DIR)"
+        ),
     };
     let device = vdit_core::device::default_device()?;
 
@@ -124,7 +129,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, None) => bail!("give --prompt TEXT or --prompt-embeds FILE"),
     };
     let negative_prompt = match (&args.negative_prompt_embeds, &args.negative_prompt) {
-        (Some(p), _) => Some(PromptInput::Embeds(read_single_tensor(p, "--negative-prompt-embeds")?)),
+        (Some(p), _) => Some(PromptInput::Embeds(read_single_tensor(
+            p,
+            "--negative-prompt-embeds",
+        )?)),
         (None, Some(t)) => Some(PromptInput::Text(t.clone())),
         (None, None) => None,
     };
@@ -164,9 +172,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ProgressBar::new(req.num_inference_steps as u64)
     };
     bar.set_style(
-        ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} steps  {elapsed} (eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>10} [{bar:30}] {pos}/{len} steps  {elapsed} (eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     let mut times = Timings::default();
     let mut mark = Instant::now();
@@ -208,7 +218,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                     frames,
                 };
                 let path = numbered(&args.output, i);
-                vdit_video::write_video(&path, &video).with_context(|| format!("writing {}", path.display()))?;
+                vdit_video::write_video(&path, &video)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
         }
     }

@@ -9,7 +9,11 @@ mod train_cmd;
 mod world_cmd;
 
 #[derive(Parser)]
-#[command(name = "vdit", version, about = "Open video generation: CogVideoX-family models in Rust")]
+#[command(
+    name = "vdit",
+    version,
+    about = "Open video generation: CogVideoX-family models in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,7 +36,8 @@ enum Command {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VDIT_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("VDIT_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

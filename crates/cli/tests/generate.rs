@@ -39,8 +39,17 @@ fn fixture_args(dir: &Path) -> Vec<String> {
         args.push(p.display().to_string());
     }
     for a in [
-        "--num-frames", "9", "--height", "32", "--width", "48", "--num-inference-steps", "2",
-        "--guidance-scale", "6", "--quiet",
+        "--num-frames",
+        "9",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--num-inference-steps",
+        "2",
+        "--guidance-scale",
+        "6",
+        "--quiet",
     ] {
         args.push(a.into());
     }
@@ -57,7 +66,10 @@ fn run_ok(cmd: &mut Command) -> String {
 fn run_err(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure, got success: {err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
     assert!(!err.contains("panicked"), "must not panic: {err}");
     err
 }
@@ -66,7 +78,12 @@ fn run_err(cmd: &mut Command) -> String {
 fn generate_latents_match_diffusers() {
     let dir = tmpdir("latent");
     let out = dir.join("out.safetensors");
-    run_ok(vdit().args(fixture_args(&dir)).args(["--output-type", "latent", "--output"]).arg(&out));
+    run_ok(
+        vdit()
+            .args(fixture_args(&dir))
+            .args(["--output-type", "latent", "--output"])
+            .arg(&out),
+    );
     let got = load_tensors(&out).unwrap();
     let want = load_tensors(&fixture_dir("pipeline_2b_like").join("outputs.safetensors")).unwrap();
     assert_close("cli latents", &got["latents"], &want["latents"], 1e-3);
@@ -81,8 +98,20 @@ fn generate_frames_match_diffusers() {
     let want = load_tensors(&fixture_dir("pipeline_2b_like").join("outputs.safetensors")).unwrap();
     let want = &want["frames"]; // [1, F, 3, H, W] in [0, 1]
     let (_, f, _, h, w) = want.dims5().unwrap();
-    assert_eq!((video.frames.len(), video.height as usize, video.width as usize), (f, h, w));
-    let data: Vec<f32> = video.frames.iter().flatten().map(|&b| b as f32 / 255.0).collect();
+    assert_eq!(
+        (
+            video.frames.len(),
+            video.height as usize,
+            video.width as usize
+        ),
+        (f, h, w)
+    );
+    let data: Vec<f32> = video
+        .frames
+        .iter()
+        .flatten()
+        .map(|&b| b as f32 / 255.0)
+        .collect();
     // [F, H, W, 3] -> [1, F, 3, H, W]
     let got = Tensor::from_vec(data, (f, h, w, 3), &Device::Cpu)
         .unwrap()
@@ -97,13 +126,25 @@ fn generate_frames_match_diffusers() {
 fn generate_mp4_reads_back_in_ffprobe() {
     let dir = tmpdir("mp4");
     let out = dir.join("out.mp4");
-    run_ok(vdit().args(fixture_args(&dir)).args(["--fps", "12", "--output"]).arg(&out));
+    run_ok(
+        vdit()
+            .args(fixture_args(&dir))
+            .args(["--fps", "12", "--output"])
+            .arg(&out),
+    );
     let v = vdit_video::read_video(&out).unwrap();
     assert_eq!((v.frames.len(), v.width, v.height), (9, 48, 32));
     let probe = Command::new("ffprobe")
         .args([
-            "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
-            "stream=codec_name,width,height,pix_fmt,r_frame_rate,nb_read_frames", "-of", "csv=p=0",
+            "-v",
+            "error",
+            "-count_frames",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=codec_name,width,height,pix_fmt,r_frame_rate,nb_read_frames",
+            "-of",
+            "csv=p=0",
         ])
         .arg(&out)
         .output();
@@ -156,7 +197,9 @@ fn bad_flags_and_folders_give_clear_errors() {
     let bad = dir.join("bad_pipeline");
     copy_dir(&fixture_dir("pipeline_2b_like").join("pipeline"), &bad);
     let cfg = bad.join("transformer/config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"num_layers\": 2", "\"num_layers\": \"two\"");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"num_layers\": 2", "\"num_layers\": \"two\"");
     std::fs::write(&cfg, text).unwrap();
     let mut args = base.clone();
     args[2] = bad.display().to_string();

@@ -21,7 +21,11 @@ pub fn parse_config<T: DeserializeOwned + Serialize>(path: &Path, text: &str) ->
     let de = raw.clone();
     let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
-        let key = if key == "." { "<root>".to_string() } else { key };
+        let key = if key == "." {
+            "<root>".to_string()
+        } else {
+            key
+        };
         Error::config(path, key, e.inner().to_string())
     })?;
     if let (serde_json::Value::Object(given), Ok(serde_json::Value::Object(known))) =

@@ -33,10 +33,17 @@ pub enum Error {
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
-        Error::Io { path: path.into(), err }
+        Error::Io {
+            path: path.into(),
+            err,
+        }
     }
 
-    pub fn config(file: impl Into<PathBuf>, key: impl Into<String>, msg: impl Into<String>) -> Self {
+    pub fn config(
+        file: impl Into<PathBuf>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
         Error::Config {
             file: file.into(),
             key: key.into(),
@@ -57,7 +64,9 @@ impl Error {
 pub fn candle_msg(e: &candle_core::Error) -> String {
     match e {
         candle_core::Error::WithBacktrace { inner, .. } => candle_msg(inner),
-        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_msg(inner)),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", candle_msg(inner))
+        }
         other => other.to_string(),
     }
 }

@@ -19,7 +19,10 @@ impl PipelineFolder {
         if !root.is_dir() {
             return Err(Error::invalid(
                 "model",
-                format!("{} is not a directory (expected a diffusers pipeline folder)", root.display()),
+                format!(
+                    "{} is not a directory (expected a diffusers pipeline folder)",
+                    root.display()
+                ),
             ));
         }
         let file = root.join("model_index.json");
@@ -41,7 +44,9 @@ impl PipelineFolder {
             }
             let Some(arr) = val.as_array() else { continue };
             let entry = match arr.as_slice() {
-                [serde_json::Value::String(lib), serde_json::Value::String(cls)] => Some((lib.clone(), cls.clone())),
+                [serde_json::Value::String(lib), serde_json::Value::String(cls)] => {
+                    Some((lib.clone(), cls.clone()))
+                }
                 [serde_json::Value::Null, serde_json::Value::Null] => None,
                 _ => {
                     return Err(Error::config(
@@ -62,7 +67,10 @@ impl PipelineFolder {
 
     /// The class named for a component, if the component is present.
     pub fn class_of(&self, name: &str) -> Option<&str> {
-        self.components.get(name).and_then(|c| c.as_ref()).map(|c| c.1.as_str())
+        self.components
+            .get(name)
+            .and_then(|c| c.as_ref())
+            .map(|c| c.1.as_str())
     }
 
     /// The folder of a component that `model_index.json` lists; an error if it is absent.
@@ -70,7 +78,11 @@ impl PipelineFolder {
         let file = self.root.join("model_index.json");
         match self.components.get(name) {
             None => Err(Error::config(&file, name, "component not listed")),
-            Some(None) => Err(Error::config(&file, name, "component is [null, null] (absent)")),
+            Some(None) => Err(Error::config(
+                &file,
+                name,
+                "component is [null, null] (absent)",
+            )),
             Some(Some(_)) => {
                 let dir = self.root.join(name);
                 if dir.is_dir() {

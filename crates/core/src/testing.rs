@@ -28,7 +28,11 @@ pub fn load_meta(dir: &Path) -> Result<serde_json::Value> {
 /// Max absolute difference between two tensors of the same shape (compared in f64).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     if a.dims() != b.dims() {
-        return Err(Error::Msg(format!("shape {:?} != {:?}", a.dims(), b.dims())));
+        return Err(Error::Msg(format!(
+            "shape {:?} != {:?}",
+            a.dims(),
+            b.dims()
+        )));
     }
     let a = a.to_dtype(DType::F64)?.flatten_all()?;
     let b = b.to_dtype(DType::F64)?.flatten_all()?;

@@ -27,7 +27,10 @@ pub struct Weights {
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Weights")
-            .field("files", &self.files.iter().map(|f| &f.0).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|f| &f.0).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.index.len())
             .finish()
     }
@@ -89,7 +92,11 @@ fn shards_from_index(idx: &Path) -> Result<Vec<PathBuf>> {
             .as_str()
             .ok_or_else(|| Error::config(idx, format!("weight_map.{k}"), "expected a file name"))?;
         if f.contains('/') || f.contains('\\') || f.contains("..") {
-            return Err(Error::config(idx, format!("weight_map.{k}"), format!("`{f}` is not a plain file name")));
+            return Err(Error::config(
+                idx,
+                format!("weight_map.{k}"),
+                format!("`{f}` is not a plain file name"),
+            ));
         }
         files.insert(dir.join(f));
     }
@@ -114,8 +121,9 @@ impl Weights {
             // SAFETY: the file is mapped read-only; vdit never writes to a checkpoint while
             // it is open, and the map is checked by the safetensors header parser.
             #[allow(unsafe_code)]
-            let st = unsafe { MmapedSafetensors::new(p) }
-                .map_err(|e| Error::Weights(format!("{}: cannot read as safetensors: {e}", p.display())))?;
+            let st = unsafe { MmapedSafetensors::new(p) }.map_err(|e| {
+                Error::Weights(format!("{}: cannot read as safetensors: {e}", p.display()))
+            })?;
             for (k, _) in st.tensors() {
                 if let Some(prev) = index.insert(k.clone(), i) {
                     return Err(Error::Weights(format!(
@@ -145,7 +153,10 @@ impl Weights {
             [(p, _)] => p.display().to_string(),
             fs => format!(
                 "{} ({} shards)",
-                fs.first().and_then(|f| f.0.parent()).unwrap_or(Path::new(".")).display(),
+                fs.first()
+                    .and_then(|f| f.0.parent())
+                    .unwrap_or(Path::new("."))
+                    .display(),
                 fs.len()
             ),
         }
@@ -160,9 +171,17 @@ impl Weights {
     }
 
     /// Loads one tensor, checking its shape, converting to `dtype`.
-    pub fn load(&self, key: &str, shape: Option<&Shape>, dtype: DType, dev: &Device) -> Result<Tensor> {
+    pub fn load(
+        &self,
+        key: &str,
+        shape: Option<&Shape>,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
         let Some(&fi) = self.index.get(key) else {
-            let exp = shape.map(|s| format!(" (expected shape {:?})", s.dims())).unwrap_or_default();
+            let exp = shape
+                .map(|s| format!(" (expected shape {:?})", s.dims()))
+                .unwrap_or_default();
             return Err(Error::Weights(format!(
                 "{}: missing tensor `{key}`{exp}",
                 self.describe()
@@ -186,7 +205,10 @@ impl Weights {
             .load(dev)
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| Error::Weights(format!("{}: `{key}`: {e}", path.display())))?;
-        self.used.lock().expect("weights lock").insert(key.to_string());
+        self.used
+            .lock()
+            .expect("weights lock")
+            .insert(key.to_string());
         Ok(t)
     }
 
@@ -211,7 +233,11 @@ impl Weights {
             return Ok(());
         }
         let shown: Vec<_> = extra.iter().take(8).map(|s| format!("`{s}`")).collect();
-        let more = if extra.len() > 8 { format!(" and {} more", extra.len() - 8) } else { String::new() };
+        let more = if extra.len() > 8 {
+            format!(" and {} more", extra.len() - 8)
+        } else {
+            String::new()
+        };
         Err(Error::Weights(format!(
             "{}: {} tensor(s) not used by the model (does the config match the weights?): {}{more}",
             self.describe(),

@@ -5,7 +5,8 @@
 pub mod text_to_video;
 
 pub use text_to_video::{
-    CogVideoXPipeline, Event, GenerateOutput, GenerateRequest, OutputKind, PromptInput, TextEncoderPolicy,
+    CogVideoXPipeline, Event, GenerateOutput, GenerateRequest, OutputKind, PromptInput,
+    TextEncoderPolicy,
 };
 
 use candle_core::Tensor;
@@ -15,7 +16,9 @@ use candle_core::Tensor;
 pub fn frames_to_rgb8(frames: &Tensor) -> vdit_core::Result<Vec<Vec<Vec<u8>>>> {
     let (b, f, c, h, w) = frames.dims5()?;
     if c != 3 {
-        return Err(vdit_core::Error::Msg(format!("expected 3 colour channels, found {c}")));
+        return Err(vdit_core::Error::Msg(format!(
+            "expected 3 colour channels, found {c}"
+        )));
     }
     // [B, F, 3, H, W] -> [B, F, H, W, 3]
     let x = frames

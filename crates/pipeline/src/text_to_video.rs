@@ -150,7 +150,8 @@ impl CogVideoXPipeline {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let folder = PipelineFolder::open(dir)?;
         let _span = tracing::info_span!("load", model = %dir.display()).entered();
-        let transformer = CogVideoXTransformer3D::load(&folder.component("transformer")?, dtype, device)?;
+        let transformer =
+            CogVideoXTransformer3D::load(&folder.component("transformer")?, dtype, device)?;
         // The VAE runs in f32 unless asked otherwise: it is small and f16 on CPU is no faster.
         let vae = AutoencoderKLCogVideoX::load(&folder.component("vae")?, dtype, device)?;
         let scheduler = load_scheduler(&folder.component("scheduler")?)?;
@@ -222,10 +223,15 @@ impl CogVideoXPipeline {
         let m = vae_scale_spatial(&self.vae) * self.transformer.config().patch_size;
         for (name, v) in [("height", h), ("width", w)] {
             if v == 0 || v % m != 0 {
-                return Err(Error::invalid(name, format!("must be a positive multiple of {m}, got {v}")));
+                return Err(Error::invalid(
+                    name,
+                    format!("must be a positive multiple of {m}, got {v}"),
+                ));
             }
         }
-        if req.num_inference_steps == 0 || req.num_inference_steps > self.scheduler.num_train_timesteps() {
+        if req.num_inference_steps == 0
+            || req.num_inference_steps > self.scheduler.num_train_timesteps()
+        {
             return Err(Error::invalid(
                 "num_inference_steps",
                 format!(
@@ -292,7 +298,10 @@ impl CogVideoXPipeline {
         if dims.len() != 3 || dims[2] != t.text_embed_dim {
             return Err(Error::invalid(
                 what,
-                format!("expected shape [B, L, {}], found {dims:?}", t.text_embed_dim),
+                format!(
+                    "expected shape [B, L, {}], found {dims:?}",
+                    t.text_embed_dim
+                ),
             ));
         }
         if !t.use_rotary_positional_embeddings && dims[1] != t.max_text_seq_length {
@@ -340,7 +349,11 @@ impl CogVideoXPipeline {
             if neg.dims() != prompt_embeds.dims() {
                 return Err(Error::invalid(
                     "negative_prompt_embeds",
-                    format!("shape {:?} differs from prompt_embeds {:?}", neg.dims(), prompt_embeds.dims()),
+                    format!(
+                        "shape {:?} differs from prompt_embeds {:?}",
+                        neg.dims(),
+                        prompt_embeds.dims()
+                    ),
                 ));
             }
             Tensor::cat(&[&neg, &prompt_embeds], 0)?
@@ -368,7 +381,13 @@ impl CogVideoXPipeline {
                 latent_frames += additional_frames;
             }
         }
-        let shape = (batch, latent_frames, tcfg.in_channels, height / s, width / s);
+        let shape = (
+            batch,
+            latent_frames,
+            tcfg.in_channels,
+            height / s,
+            width / s,
+        );
         let latents = match req.latents.take() {
             Some(l) => {
                 let want = [shape.0, shape.1, shape.2, shape.3, shape.4];
@@ -393,7 +412,14 @@ impl CogVideoXPipeline {
 
         // 4. RoPE tables for the 5B/1.5 models: (cos, sin), each [F'·h/p·w/p, head_dim].
         let rope = if tcfg.use_rotary_positional_embeddings {
-            Some(cogvideox_rotary_pos_embed(&tcfg, height, width, latent_frames, s, &self.device)?)
+            Some(cogvideox_rotary_pos_embed(
+                &tcfg,
+                height,
+                width,
+                latent_frames,
+                s,
+                &self.device,
+            )?)
         } else {
             None
         };
@@ -428,7 +454,9 @@ impl CogVideoXPipeline {
             } else {
                 model_output.clone()
             };
-            latents = self.scheduler.step(&noise_pred, t, &latents, noise.as_mut())?;
+            latents = self
+                .scheduler
+                .step(&noise_pred, t, &latents, noise.as_mut())?;
             check(observer(Event::Step {
                 index: i,
                 total: timesteps.len(),
@@ -444,7 +472,11 @@ impl CogVideoXPipeline {
             OutputKind::Latent => None,
             OutputKind::Frames => {
                 check(observer(Event::Decoding))?;
-                Some(self.decode_latents(&latents.narrow(1, additional_frames, latent_frames - additional_frames)?)?)
+                Some(self.decode_latents(&latents.narrow(
+                    1,
+                    additional_frames,
+                    latent_frames - additional_frames,
+                )?)?)
             }
         };
         Ok(GenerateOutput {

@@ -33,7 +33,9 @@ fn run_case(case: &str) {
         .collect();
     let req = GenerateRequest {
         prompt: PromptInput::Embeds(inputs["prompt_embeds"].clone()),
-        negative_prompt: Some(PromptInput::Embeds(inputs["negative_prompt_embeds"].clone())),
+        negative_prompt: Some(PromptInput::Embeds(
+            inputs["negative_prompt_embeds"].clone(),
+        )),
         num_frames: Some(meta["num_frames"].as_u64().unwrap() as usize),
         height: Some(meta["height"].as_u64().unwrap() as usize),
         width: Some(meta["width"].as_u64().unwrap() as usize),
@@ -81,7 +83,12 @@ fn run_case(case: &str) {
         })
         .unwrap();
     assert_eq!(seen_steps, want_t.len());
-    assert_close(&format!("{case} latents"), &out.latents, &outputs["latents"], 1e-3);
+    assert_close(
+        &format!("{case} latents"),
+        &out.latents,
+        &outputs["latents"],
+        1e-3,
+    );
     assert_close(
         &format!("{case} frames"),
         out.frames.as_ref().unwrap(),
@@ -104,10 +111,13 @@ fn pipeline_5b_like_matches_diffusers() {
 fn cancellation_stops_the_run() {
     let dir = fixture_dir("pipeline_2b_like");
     let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
-    let mut pipe = CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let mut pipe =
+        CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
     let req = GenerateRequest {
         prompt: PromptInput::Embeds(inputs["prompt_embeds"].clone()),
-        negative_prompt: Some(PromptInput::Embeds(inputs["negative_prompt_embeds"].clone())),
+        negative_prompt: Some(PromptInput::Embeds(
+            inputs["negative_prompt_embeds"].clone(),
+        )),
         num_frames: Some(9),
         height: Some(32),
         width: Some(48),
@@ -132,10 +142,13 @@ fn cancellation_stops_the_run() {
 fn bad_sizes_are_rejected_by_name() {
     let dir = fixture_dir("pipeline_2b_like");
     let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
-    let mut pipe = CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let mut pipe =
+        CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
     let base = || GenerateRequest {
         prompt: PromptInput::Embeds(inputs["prompt_embeds"].clone()),
-        negative_prompt: Some(PromptInput::Embeds(inputs["negative_prompt_embeds"].clone())),
+        negative_prompt: Some(PromptInput::Embeds(
+            inputs["negative_prompt_embeds"].clone(),
+        )),
         num_frames: Some(9),
         height: Some(32),
         width: Some(48),
@@ -143,29 +156,73 @@ fn bad_sizes_are_rejected_by_name() {
         ..Default::default()
     };
     let cases: Vec<(GenerateRequest, &str)> = vec![
-        (GenerateRequest { num_frames: Some(8), ..base() }, "num_frames"),
-        (GenerateRequest { height: Some(40), ..base() }, "height"),
-        (GenerateRequest { width: Some(50), ..base() }, "width"),
-        (GenerateRequest { num_inference_steps: 0, ..base() }, "num_inference_steps"),
-        (GenerateRequest { guidance_scale: f64::NAN, ..base() }, "guidance_scale"),
         (
-            GenerateRequest { latents: Some(Tensor::zeros((1, 2, 4, 4, 6), DType::F32, &Device::Cpu).unwrap()), ..base() },
+            GenerateRequest {
+                num_frames: Some(8),
+                ..base()
+            },
+            "num_frames",
+        ),
+        (
+            GenerateRequest {
+                height: Some(40),
+                ..base()
+            },
+            "height",
+        ),
+        (
+            GenerateRequest {
+                width: Some(50),
+                ..base()
+            },
+            "width",
+        ),
+        (
+            GenerateRequest {
+                num_inference_steps: 0,
+                ..base()
+            },
+            "num_inference_steps",
+        ),
+        (
+            GenerateRequest {
+                guidance_scale: f64::NAN,
+                ..base()
+            },
+            "guidance_scale",
+        ),
+        (
+            GenerateRequest {
+                latents: Some(Tensor::zeros((1, 2, 4, 4, 6), DType::F32, &Device::Cpu).unwrap()),
+                ..base()
+            },
             "latents",
         ),
         (
             GenerateRequest {
-                prompt: PromptInput::Embeds(Tensor::zeros((1, 15, 32), DType::F32, &Device::Cpu).unwrap()),
+                prompt: PromptInput::Embeds(
+                    Tensor::zeros((1, 15, 32), DType::F32, &Device::Cpu).unwrap(),
+                ),
                 ..base()
             },
             "prompt_embeds",
         ),
         (
-            GenerateRequest { prompt: PromptInput::Text("a red circle".into()), ..base() },
+            GenerateRequest {
+                prompt: PromptInput::Text("a red circle".into()),
+                ..base()
+            },
             "tokenizer",
         ),
     ];
     for (req, needle) in cases {
-        let err = pipe.generate(req, &mut |_| ControlFlow::Continue(())).unwrap_err().to_string();
-        assert!(err.contains(needle), "error `{err}` should mention `{needle}`");
+        let err = pipe
+            .generate(req, &mut |_| ControlFlow::Continue(()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(needle),
+            "error `{err}` should mention `{needle}`"
+        );
     }
 }
