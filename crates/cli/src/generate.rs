@@ -37,19 +37,20 @@ pub struct GenerateArgs {
     pub height: Option<usize>,
     #[arg(long)]
     pub width: Option<usize>,
-    #[arg(long, default_value_t = 50)]
-    pub num_inference_steps: usize,
-    /// Classifier-free guidance scale; 1 or less turns guidance off.
-    #[arg(long, default_value_t = 6.0)]
-    pub guidance_scale: f64,
-    /// CogVideoX's dynamic guidance schedule.
+    /// Denoising steps. Default: the model's `generation_config.json`, else 50.
+    #[arg(long)]
+    pub num_inference_steps: Option<usize>,
+    /// Classifier-free guidance scale; 1 or less turns guidance off. Default: the model's, else 6.
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
+    /// CogVideoX's dynamic guidance schedule (default: the model's, else off).
     #[arg(long)]
     pub use_dynamic_cfg: bool,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Frames per second of the written video.
-    #[arg(long, default_value_t = 8.0)]
-    pub fps: f32,
+    /// Frames per second of the written video. Default: the model's, else 8.
+    #[arg(long)]
+    pub fps: Option<f32>,
     /// Compute dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -104,8 +105,10 @@ pub fn default_model() -> Option<PathBuf> {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let dtype = vdit_core::device::parse_dtype(&args.dtype).context("--dtype")?;
-    if !(args.fps.is_finite() && args.fps > 0.0 && args.fps <= 240.0) {
-        bail!("invalid --fps: must be in (0, 240], got {}", args.fps);
+    if let Some(fps) = args.fps {
+        if !(fps.is_finite() && fps > 0.0 && fps <= 240.0) {
+            bail!("invalid --fps: must be in (0, 240], got {fps}");
+        }
     }
     if args.output_type == OutputType::Latent
         && args.output.extension().and_then(|e| e.to_str()) != Some("safetensors")
@@ -146,15 +149,19 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut pipe = CogVideoXPipeline::load(&model, dtype, &device)
         .with_context(|| format!("loading model {}", model.display()))?;
     let load_time = t0.elapsed();
+    let defaults = pipe.defaults.clone();
+    let fps = args.fps.unwrap_or(defaults.fps);
     let req = GenerateRequest {
         prompt,
         negative_prompt,
         num_frames: args.num_frames,
         height: args.height,
         width: args.width,
-        num_inference_steps: args.num_inference_steps,
-        guidance_scale: args.guidance_scale,
-        use_dynamic_cfg: args.use_dynamic_cfg,
+        num_inference_steps: args
+            .num_inference_steps
+            .unwrap_or(defaults.num_inference_steps),
+        guidance_scale: args.guidance_scale.unwrap_or(defaults.guidance_scale),
+        use_dynamic_cfg: args.use_dynamic_cfg || defaults.use_dynamic_cfg,
         seed: args.seed,
         latents,
         scheduler_noise: None,
@@ -214,7 +221,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 let video = vdit_video::Video {
                     width: w as u32,
                     height: h as u32,
-                    fps: args.fps,
+                    fps,
                     frames,
                 };
                 let path = numbered(&args.output, i);

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod eval_model;
 mod generate;
 mod train_cmd;
 mod world_cmd;

@@ -111,6 +111,10 @@ pub struct EvalArgs {
 enum EvalCommand {
     /// Score clips against their Shapes World captions.
     World(EvalWorldArgs),
+    /// Generate clips for a split's captions with a model and score them.
+    Model(crate::eval_model::EvalModelArgs),
+    /// Reconstruct a split's clips through a model's VAE: PSNR and scorer accuracy.
+    Vae(crate::eval_model::EvalVaeArgs),
 }
 
 #[derive(Args)]
@@ -192,6 +196,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
 pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     match args.command {
         EvalCommand::World(a) => eval_world(a),
+        EvalCommand::Model(a) => crate::eval_model::run_model(a),
+        EvalCommand::Vae(a) => crate::eval_model::run_vae(a),
     }
 }
 

@@ -2,7 +2,10 @@
 //! share: the caller gives parameters and an observer (progress + cancellation), and gets latents
 //! or frames back. Nothing here prints or draws progress bars.
 
+pub mod defaults;
 pub mod text_to_video;
+
+pub use defaults::{GenerationDefaults, GENERATION_CONFIG};
 
 pub use text_to_video::{
     CogVideoXPipeline, Event, GenerateOutput, GenerateRequest, OutputKind, PromptInput,

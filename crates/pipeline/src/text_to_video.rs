@@ -131,6 +131,8 @@ pub struct CogVideoXPipeline {
     pub transformer: CogVideoXTransformer3D,
     pub vae: AutoencoderKLCogVideoX,
     pub scheduler: Box<dyn Scheduler>,
+    /// The folder's recommended settings (`generation_config.json`, else diffusers').
+    pub defaults: crate::GenerationDefaults,
     text_encoder: Option<T5Encoder>,
     tokenizer: Option<TextTokenizer>,
     text_encoder_dir: Option<PathBuf>,
@@ -160,6 +162,7 @@ impl CogVideoXPipeline {
             None => None,
         };
         let text_encoder_dir = folder.optional_component("text_encoder");
+        let defaults = crate::GenerationDefaults::load(&folder.root)?;
         let t = transformer.config();
         let v = vae.config();
         if v.latent_channels != t.in_channels && v.latent_channels * 2 != t.in_channels {
@@ -177,6 +180,7 @@ impl CogVideoXPipeline {
             transformer,
             vae,
             scheduler,
+            defaults,
             text_encoder: None,
             tokenizer,
             text_encoder_dir,
