@@ -9,6 +9,9 @@
 //! them; then per timestep: duplicate the latents for CFG (`[negative; positive]`), run the
 //! transformer, apply (dynamic) guidance in f32, and let the scheduler step. Finally drop
 //! CogVideoX 1.5's padding frames, divide by the VAE's scaling factor and decode.
+//!
+//! The pieces below `generate` (`prepare_text`, `latent_frames`, `rope_tables`, `denoise`,
+//! `encode_frames`) are shared with image-to-video, video-to-video and extension.
 
 use candle_core::{DType, Device, Tensor};
 use std::ops::ControlFlow;
@@ -123,6 +126,48 @@ pub struct GenerateOutput {
     pub num_frames: usize,
     pub height: usize,
     pub width: usize,
+}
+
+/// Prompt embeddings ready for the transformer: `[B, L, D]`, or `[2B, L, D]` as
+/// `[negative; positive]` when guidance is on.
+pub(crate) struct TextConditioning {
+    pub text: Tensor,
+    /// B: videos per call.
+    pub batch: usize,
+}
+
+/// The settings of one denoising loop ([`CogVideoXPipeline::denoise`]).
+pub(crate) struct Denoise<'a> {
+    pub text: &'a Tensor,
+    pub batch: usize,
+    pub guidance_scale: f64,
+    pub use_dynamic_cfg: bool,
+    /// N in CogVideoX's dynamic guidance formula: the steps of the schedule (video-to-video: the
+    /// steps left after the strength cut, as diffusers).
+    pub dynamic_cfg_steps: usize,
+    pub timesteps: &'a [usize],
+    pub rope: Option<&'a (Tensor, Tensor)>,
+    /// Image latents `[B, F, C, h, w]`, appended to the latents on channels (image-to-video).
+    pub image_latents: Option<&'a Tensor>,
+    /// CogVideoX 1.5 I2V's `ofs` input (`[1]`, 2.0).
+    pub ofs: Option<&'a Tensor>,
+    pub noise: &'a mut dyn NoiseSource,
+    /// Reported step indices start here and run to `step_total` (several loops, one progress).
+    pub step_offset: usize,
+    pub step_total: usize,
+}
+
+/// Observer results to `Result`: `Break` cancels.
+pub(crate) fn notify(flow: ControlFlow<()>) -> Result<()> {
+    match flow {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(()) => Err(Error::Cancelled),
+    }
+}
+
+/// The scheduler's noise when the request gives none: a generator seeded from `seed + 1`.
+pub(crate) fn default_scheduler_noise(seed: u64) -> Box<dyn NoiseSource> {
+    Box::new(NoiseRng::new(seed.wrapping_add(1)))
 }
 
 /// A loaded CogVideoX pipeline: transformer, VAE, scheduler, and (lazily) the text encoder.
@@ -328,20 +373,161 @@ impl CogVideoXPipeline {
         observer: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
     ) -> Result<GenerateOutput> {
         let (num_frames, height, width) = self.resolve_size(&req)?;
+        self.check_text_to_video("the prompt")?;
         let steps = req.num_inference_steps;
-        let check = |flow: ControlFlow<()>| match flow {
-            ControlFlow::Continue(()) => Ok(()),
-            ControlFlow::Break(()) => Err(Error::Cancelled),
-        };
-        check(observer(Event::Started {
+        notify(observer(Event::Started {
             num_frames,
             height,
             width,
             steps,
         }))?;
-        let do_cfg = req.guidance_scale > 1.0;
 
         // 1. Prompt embeddings: [B, L, D]; with guidance [negative; positive] -> [2B, L, D].
+        let cond = self.prepare_text(&mut req)?;
+        notify(observer(Event::TextEncoded))?;
+
+        // 2. Timesteps.
+        self.scheduler.set_timesteps(steps)?;
+        let timesteps = self.scheduler.timesteps().to_vec();
+
+        // 3. Latents [B, F_lat, C, h, w]; CogVideoX 1.5 pads F_lat to a multiple of patch_size_t.
+        let (latent_frames, additional_frames) = self.latent_frames(num_frames);
+        let s = self.vae_scale_spatial();
+        let shape = [
+            cond.batch,
+            latent_frames,
+            self.transformer.config().in_channels,
+            height / s,
+            width / s,
+        ];
+        let latents = match req.latents.take() {
+            Some(l) => self.check_latents(
+                l,
+                shape,
+                &format!("{num_frames} frames at {height}x{width}"),
+            )?,
+            None => NoiseRng::new(req.seed).randn(shape.to_vec(), &self.device)?,
+        };
+        let latents = (latents * self.scheduler.init_noise_sigma())?;
+        let mut noise = req
+            .scheduler_noise
+            .take()
+            .unwrap_or_else(|| default_scheduler_noise(req.seed));
+
+        // 4. RoPE tables for the 5B/1.5 models.
+        let rope = self.rope_tables(height, width, latent_frames)?;
+
+        // 5. Denoising loop.
+        let latents = self.denoise(
+            latents,
+            Denoise {
+                text: &cond.text,
+                batch: cond.batch,
+                guidance_scale: req.guidance_scale,
+                use_dynamic_cfg: req.use_dynamic_cfg,
+                dynamic_cfg_steps: steps,
+                timesteps: &timesteps,
+                rope: rope.as_ref(),
+                image_latents: None,
+                ofs: None,
+                noise: noise.as_mut(),
+                step_offset: 0,
+                step_total: timesteps.len(),
+            },
+            &mut |_, _, x| Ok(x),
+            observer,
+        )?;
+
+        // 6. Decode: drop padding frames, [B, F, C, h, w] -> [B, C, F, h, w] / scaling_factor.
+        let frames = match req.output {
+            OutputKind::Latent => None,
+            OutputKind::Frames => {
+                notify(observer(Event::Decoding))?;
+                Some(self.decode_latents(&latents.narrow(
+                    1,
+                    additional_frames,
+                    latent_frames - additional_frames,
+                )?)?)
+            }
+        };
+        Ok(GenerateOutput {
+            latents,
+            frames,
+            num_frames,
+            height,
+            width,
+        })
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Pieces shared by text-to-video, image-to-video, video-to-video and extension.
+
+    /// diffusers' `vae_scale_factor_spatial`: 2^(number of VAE blocks - 1).
+    pub fn vae_scale_spatial(&self) -> usize {
+        vae_scale_spatial(&self.vae)
+    }
+
+    /// diffusers' `vae_scale_factor_temporal`: the VAE's `temporal_compression_ratio`.
+    pub fn vae_scale_temporal(&self) -> usize {
+        (self.vae.config().temporal_compression_ratio as usize).max(1)
+    }
+
+    /// Whether the transformer takes image latents on its channels (`in_channels` = 2 x the VAE's
+    /// `latent_channels`, as CogVideoX-5b-I2V and CogVideoX1.5-5B-I2V).
+    pub fn is_image_to_video(&self) -> bool {
+        self.transformer.config().in_channels == 2 * self.vae.config().latent_channels
+    }
+
+    /// An error unless the model denoises plain latents (a text-to-video model).
+    pub(crate) fn check_text_to_video(&self, what: &str) -> Result<()> {
+        if self.is_image_to_video() {
+            return Err(Error::invalid(
+                "image",
+                format!(
+                    "{} is an image-to-video model (transformer in_channels {} = 2 x the VAE's latent_channels {}): it needs a conditioning image, which {what} does not give",
+                    self.folder.root.display(),
+                    self.transformer.config().in_channels,
+                    self.vae.config().latent_channels
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Latent frames for `num_frames` pixel frames, padded for CogVideoX 1.5 to a multiple of
+    /// `patch_size_t`: returns (padded latent frames, padding frames added at the front).
+    pub fn latent_frames(&self, num_frames: usize) -> (usize, usize) {
+        let mut latent_frames = (num_frames - 1) / self.vae_scale_temporal() + 1;
+        let mut additional = 0;
+        if let Some(pt) = self.transformer.config().patch_size_t.filter(|&p| p > 1) {
+            if !latent_frames.is_multiple_of(pt) {
+                additional = pt - latent_frames % pt;
+                latent_frames += additional;
+            }
+        }
+        (latent_frames, additional)
+    }
+
+    /// Checks caller-supplied latents (or noise) against the shape the request needs and moves
+    /// them to the pipeline's device as f32.
+    pub(crate) fn check_latents(&self, l: Tensor, want: [usize; 5], what: &str) -> Result<Tensor> {
+        let s = self.vae_scale_spatial();
+        if l.dims() != want {
+            return Err(Error::invalid(
+                "latents",
+                format!(
+                    "expected shape {want:?} [B, F, C, H/{s}, W/{s}] for {what}, found {:?}",
+                    l.dims()
+                ),
+            ));
+        }
+        Ok(l.to_device(&self.device)?.to_dtype(DType::F32)?)
+    }
+
+    /// Prompt embeddings for a request, with the negative ones stacked first when guidance is on.
+    /// Frees the text encoder afterwards under [`TextEncoderPolicy::DropAfterUse`].
+    pub(crate) fn prepare_text(&mut self, req: &mut GenerateRequest) -> Result<TextConditioning> {
+        let do_cfg = req.guidance_scale > 1.0;
         let prompt_embeds = self.prompt_embeds(&req.prompt, "prompt_embeds")?;
         let batch = prompt_embeds.dim(0)?;
         let text = if do_cfg {
@@ -367,88 +553,81 @@ impl CogVideoXPipeline {
         if self.text_encoder_policy == TextEncoderPolicy::DropAfterUse {
             self.release_text_encoder();
         }
-        check(observer(Event::TextEncoded))?;
+        Ok(TextConditioning { text, batch })
+    }
 
-        // 2. Timesteps.
-        self.scheduler.set_timesteps(steps)?;
-        let timesteps = self.scheduler.timesteps().to_vec();
-
-        // 3. Latents [B, F_lat, C, h, w]; CogVideoX 1.5 pads F_lat to a multiple of patch_size_t.
-        let tcfg = self.transformer.config().clone();
-        let tc = (self.vae.config().temporal_compression_ratio as usize).max(1);
-        let s = vae_scale_spatial(&self.vae);
-        let mut latent_frames = (num_frames - 1) / tc + 1;
-        let mut additional_frames = 0;
-        if let Some(pt) = tcfg.patch_size_t.filter(|&p| p > 1) {
-            if !latent_frames.is_multiple_of(pt) {
-                additional_frames = pt - latent_frames % pt;
-                latent_frames += additional_frames;
-            }
+    /// RoPE tables `(cos, sin)`, each `[F'·h/p·w/p, head_dim]`, when the transformer uses them.
+    pub(crate) fn rope_tables(
+        &self,
+        height: usize,
+        width: usize,
+        latent_frames: usize,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let tcfg = self.transformer.config();
+        if !tcfg.use_rotary_positional_embeddings {
+            return Ok(None);
         }
-        let shape = (
-            batch,
+        Ok(Some(cogvideox_rotary_pos_embed(
+            tcfg,
+            height,
+            width,
             latent_frames,
-            tcfg.in_channels,
-            height / s,
-            width / s,
-        );
-        let latents = match req.latents.take() {
-            Some(l) => {
-                let want = [shape.0, shape.1, shape.2, shape.3, shape.4];
-                if l.dims() != want {
-                    return Err(Error::invalid(
-                        "latents",
-                        format!(
-                            "expected shape {want:?} [B, F, C, H/{s}, W/{s}] for {num_frames} frames at {height}x{width}, found {:?}",
-                            l.dims()
-                        ),
-                    ));
-                }
-                l.to_device(&self.device)?.to_dtype(DType::F32)?
-            }
-            None => NoiseRng::new(req.seed).randn(shape, &self.device)?,
-        };
-        let mut latents = (latents * self.scheduler.init_noise_sigma())?;
-        let mut noise: Box<dyn NoiseSource> = match req.scheduler_noise.take() {
-            Some(n) => n,
-            None => Box::new(NoiseRng::new(req.seed.wrapping_add(1))),
-        };
+            self.vae_scale_spatial(),
+            &self.device,
+        )?))
+    }
 
-        // 4. RoPE tables for the 5B/1.5 models: (cos, sin), each [F'·h/p·w/p, head_dim].
-        let rope = if tcfg.use_rotary_positional_embeddings {
-            Some(cogvideox_rotary_pos_embed(
-                &tcfg,
-                height,
-                width,
-                latent_frames,
-                s,
-                &self.device,
-            )?)
-        } else {
-            None
+    /// The denoising loop of every CogVideoX pipeline. Per timestep: `prepare` may rewrite the
+    /// latents (extension's latent replacement; identity otherwise), the latents are duplicated
+    /// for CFG (`[negative; positive]`), image latents are appended on channels (image-to-video),
+    /// the transformer runs, (dynamic) guidance is applied in f32 and the scheduler steps.
+    pub(crate) fn denoise(
+        &mut self,
+        mut latents: Tensor,
+        d: Denoise<'_>,
+        prepare: &mut dyn FnMut(usize, usize, Tensor) -> Result<Tensor>,
+        observer: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
+    ) -> Result<Tensor> {
+        let do_cfg = d.guidance_scale > 1.0;
+        let batch = d.batch;
+        let image_in = match d.image_latents {
+            Some(img) if do_cfg => Some(Tensor::cat(&[img, img], 0)?),
+            Some(img) => Some(img.clone()),
+            None => None,
         };
-        let rope_ref = rope.as_ref().map(|(c, s)| (c, s));
-
-        // 5. Denoising loop.
-        for (i, &t) in timesteps.iter().enumerate() {
+        let rope_ref = d.rope.map(|(c, s)| (c, s));
+        for (i, &t) in d.timesteps.iter().enumerate() {
             let _span = tracing::debug_span!("step", i, t).entered();
+            latents = prepare(i, t, latents)?;
             let model_in = if do_cfg {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
                 latents.clone()
             };
             let model_in = self.scheduler.scale_model_input(&model_in, t)?;
+            // [2B, F, C, h, w] ++ [2B, F, C, h, w] on channels -> [2B, F, 2C, h, w]
+            let model_in = match &image_in {
+                Some(img) => Tensor::cat(&[&model_in, img], 2)?,
+                None => model_in,
+            };
             let tt = Tensor::full(t as f32, model_in.dim(0)?, &self.device)?;
+            let ofs = d.ofs.map(|o| o.to_dtype(self.dtype)).transpose()?;
             let model_output = self
                 .transformer
-                .forward(&model_in.to_dtype(self.dtype)?, &text, &tt, rope_ref, None)?
+                .forward(
+                    &model_in.to_dtype(self.dtype)?,
+                    d.text,
+                    &tt,
+                    rope_ref,
+                    ofs.as_ref(),
+                )?
                 .to_dtype(DType::F32)?;
-            let mut g = req.guidance_scale;
-            if req.use_dynamic_cfg {
+            let mut g = d.guidance_scale;
+            if d.use_dynamic_cfg {
                 // diffusers drives this by the timestep value, not the step index.
-                let n = steps as f64;
+                let n = d.dynamic_cfg_steps as f64;
                 let x = ((n - t as f64) / n).powf(5.0);
-                g = 1.0 + req.guidance_scale * ((1.0 - (std::f64::consts::PI * x).cos()) / 2.0);
+                g = 1.0 + d.guidance_scale * ((1.0 - (std::f64::consts::PI * x).cos()) / 2.0);
             }
             let noise_pred = if do_cfg {
                 let uncond = model_output.narrow(0, 0, batch)?;
@@ -458,37 +637,50 @@ impl CogVideoXPipeline {
             } else {
                 model_output.clone()
             };
-            latents = self
-                .scheduler
-                .step(&noise_pred, t, &latents, noise.as_mut())?;
-            check(observer(Event::Step {
-                index: i,
-                total: timesteps.len(),
+            latents = self.scheduler.step(&noise_pred, t, &latents, d.noise)?;
+            notify(observer(Event::Step {
+                index: d.step_offset + i,
+                total: d.step_total,
                 timestep: t,
                 guidance_scale: g,
                 model_output: &model_output,
                 latents: &latents,
             }))?;
         }
+        Ok(latents)
+    }
 
-        // 6. Decode: drop padding frames, [B, F, C, h, w] -> [B, C, F, h, w] / scaling_factor.
-        let frames = match req.output {
-            OutputKind::Latent => None,
-            OutputKind::Frames => {
-                check(observer(Event::Decoding))?;
-                Some(self.decode_latents(&latents.narrow(
-                    1,
-                    additional_frames,
-                    latent_frames - additional_frames,
-                )?)?)
-            }
-        };
-        Ok(GenerateOutput {
-            latents,
-            frames,
-            num_frames,
-            height,
-            width,
+    /// Encodes frames `[B, F, 3, H, W]` in `[0, 1]` with the VAE: the posterior over
+    /// `[B, C, F', h, w]` (frames mapped to `[-1, 1]` as diffusers' `VaeImageProcessor`).
+    pub(crate) fn encode_frames(
+        &self,
+        frames: &Tensor,
+    ) -> Result<vdit_models::autoencoders::cogvideox_vae::DiagonalGaussian> {
+        let _span = tracing::info_span!("vae_encode").entered();
+        // [B, F, 3, H, W] in [0, 1] -> [B, 3, F, H, W] in [-1, 1]
+        let x = frames
+            .to_device(&self.device)?
+            .to_dtype(DType::F32)?
+            .affine(2.0, -1.0)?
+            .permute((0, 2, 1, 3, 4))?
+            .to_dtype(self.dtype)?;
+        let post = self.vae.encode(&x)?;
+        let (_, _, _, h, w) = frames.dims5()?;
+        let s = self.vae_scale_spatial();
+        let (_, _, _, lh, lw) = post.mean.dims5()?;
+        if (lh, lw) != (h / s, w / s) {
+            let t = self.vae.tile_options();
+            return Err(Error::Msg(format!(
+                "the VAE encoded {w}x{h} frames to {lw}x{lh} latents, expected {}x{}: its tiled encode (used above {}x{} px, half the VAE's sample size) does not tile this size evenly; use a VAE whose sample_width/sample_height are at least twice the frame size",
+                w / s,
+                h / s,
+                t.tile_sample_min_width,
+                t.tile_sample_min_height
+            )));
+        }
+        Ok(vdit_models::autoencoders::cogvideox_vae::DiagonalGaussian {
+            mean: post.mean.to_dtype(DType::F32)?,
+            logvar: post.logvar.to_dtype(DType::F32)?,
         })
     }
 

@@ -32,13 +32,13 @@ impl fmt::Display for DisplayPath {
 /// Everything that can go wrong reading or writing frames.
 #[derive(Debug, thiserror::Error)]
 pub enum VideoError {
-    /// The operating system refused a read or write.
-    #[error("{path}: cannot {action}: {source}")]
+    /// The operating system refused a read or write. (`err` is deliberately not the error's
+    /// `source()`: the message already says it, and `{:#}` chains would print it twice.)
+    #[error("{path}: cannot {action}: {err}")]
     Io {
         path: DisplayPath,
         action: &'static str,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
 
     /// MP4/H.264 yuv420p needs even dimensions; we never crop or pad silently.
@@ -106,11 +106,11 @@ pub enum VideoError {
 }
 
 impl VideoError {
-    pub(crate) fn io(path: &Path, action: &'static str, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: &Path, action: &'static str, err: std::io::Error) -> Self {
         VideoError::Io {
             path: DisplayPath::file(path),
             action,
-            source,
+            err,
         }
     }
 

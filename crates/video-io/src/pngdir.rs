@@ -36,14 +36,14 @@ fn list_frames(dir: &Path) -> Result<Vec<(usize, String)>, VideoError> {
     let entries = std::fs::read_dir(dir).map_err(|e| VideoError::Io {
         path: DisplayPath::dir(dir),
         action: "list directory",
-        source: e,
+        err: e,
     })?;
     let mut out = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| VideoError::Io {
             path: DisplayPath::dir(dir),
             action: "list directory",
-            source: e,
+            err: e,
         })?;
         let name = entry.file_name();
         if let Some(index) = name.to_str().and_then(frame_index) {
@@ -57,7 +57,7 @@ pub(crate) fn write(dir: &Path, video: &Video) -> Result<(), VideoError> {
     std::fs::create_dir_all(dir).map_err(|e| VideoError::Io {
         path: DisplayPath::dir(dir),
         action: "create directory",
-        source: e,
+        err: e,
     })?;
     let n = video.frames.len();
     let names: Vec<String> = (0..n).map(|i| frame_name(i, n)).collect();

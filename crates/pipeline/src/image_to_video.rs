@@ -1,0 +1,341 @@
+//! Image-to-video with CogVideoX, step for step as diffusers' `CogVideoXImageToVideoPipeline`
+//! (diffusers 0.42.1, `pipelines/cogvideo/pipeline_cogvideox_image2video.py`), for the
+//! CogVideoX-5b-I2V and CogVideoX1.5-5B-I2V checkpoints.
+//!
+//! Layouts: the image is `[B, 3, H, W]` in `[0, 1]` at the generation size (resizing is the
+//! caller's business: `vdit_video::fit`); latents and image latents are `[B, F, C, h, w]`; the
+//! transformer sees both on channels, `[B, F, 2C, h, w]` (its `in_channels` is 2 x the VAE's
+//! `latent_channels`); frames come out as `[B, F, 3, H, W]` in `[0, 1]`.
+//!
+//! The steps, where they differ from text-to-video:
+//! 1. The image goes to `[-1, 1]` and through the VAE as a one-frame video. The image latent is a
+//!    *sample* of the posterior, `mean + std * noise` (diffusers' `retrieve_latents` with
+//!    `sample_mode="sample"`): this is the noise augmentation of the image that diffusers' inference
+//!    does; the noise is [`ImageToVideoRequest::image_noise`] or drawn from `seed + 2`.
+//!    [`ImageToVideoRequest::image_noise_sigma`] optionally adds the CogVideoX training recipe's
+//!    pixel-space augmentation (`image + sigma * noise`) before encoding; diffusers never does.
+//! 2. The latent is scaled by `scaling_factor`, or divided by it when the VAE config has
+//!    `invert_scale_latents` (CogVideoX 1.5, "the CogVideoX team forgot to multiply the scaling
+//!    factor during training").
+//! 3. Zero frames are appended up to the noise's frame count; for CogVideoX 1.5 the noise has the
+//!    padded frame count (`F_lat` rounded up to `patch_size_t`), and if the image latents' count is
+//!    still not a multiple of `patch_size_t` their first `count mod patch_size_t` frames are
+//!    prepended again (diffusers' rule; a no-op with diffusers' padding).
+//! 4. Every step appends the (CFG-duplicated) image latents to the scaled latents on channels;
+//!    CogVideoX 1.5 also passes `ofs = 2.0`. Learned positional embeddings (5b-I2V) are the
+//!    transformer's business: they require the model's sample height and width.
+//! 5. As text-to-video, 1.5's padding frames are dropped from the front before decoding.
+//!
+//! Random draws, in order: the initial latents (`seed`), the scheduler's noise (`seed + 1`), the
+//! posterior sample (`seed + 2`), the pixel augmentation (`seed + 3`). (diffusers draws the
+//! posterior sample first from one generator; parity tests give every tensor explicitly.)
+
+use candle_core::{DType, Tensor};
+use std::ops::ControlFlow;
+use vdit_core::rng::NoiseRng;
+use vdit_core::{Error, Result};
+
+use crate::text_to_video::{default_scheduler_noise, notify, Denoise};
+use crate::{CogVideoXPipeline, Event, GenerateOutput, GenerateRequest, OutputKind};
+
+/// One image-to-video generation: a [`GenerateRequest`] plus the image.
+pub struct ImageToVideoRequest {
+    /// Prompt, sizes, steps, guidance, seed, initial latents (`[B, F, C, h, w]` with C the VAE's
+    /// latent channels), scheduler noise and output kind, as for text-to-video.
+    pub request: GenerateRequest,
+    /// The conditioning image `[B, 3, H, W]` (or `[3, H, W]`), values in `[0, 1]`, exactly the
+    /// generation's height and width.
+    pub image: Tensor,
+    /// Standard-normal noise of the VAE posterior sample, `[B, C, 1, h, w]`; drawn from
+    /// `seed + 2` when absent.
+    pub image_noise: Option<Tensor>,
+    /// Optional pixel-space noise augmentation before encoding: `image + sigma * noise` in the
+    /// `[-1, 1]` range (CogVideoX's I2V training recipe draws `sigma = exp(N(-3, 0.5))`). `None`
+    /// (the default, as diffusers) adds nothing.
+    pub image_noise_sigma: Option<f64>,
+}
+
+impl ImageToVideoRequest {
+    pub fn new(request: GenerateRequest, image: Tensor) -> Self {
+        Self {
+            request,
+            image,
+            image_noise: None,
+            image_noise_sigma: None,
+        }
+    }
+}
+
+impl CogVideoXPipeline {
+    /// An error naming the model unless it takes an image (transformer `in_channels` = 2 x the
+    /// VAE's `latent_channels`).
+    pub fn check_image_to_video(&self) -> Result<()> {
+        if self.is_image_to_video() {
+            return Ok(());
+        }
+        let (c, l) = (
+            self.transformer.config().in_channels,
+            self.vae.config().latent_channels,
+        );
+        Err(Error::invalid(
+            "image",
+            format!(
+                "the model {} cannot take an image: its transformer has in_channels {c} = the VAE's latent_channels {l}, a text-to-video model; image-to-video needs an image-to-video checkpoint with in_channels {} (2 x {l}, as CogVideoX-5b-I2V)",
+                self.folder.root.display(),
+                2 * l
+            ),
+        ))
+    }
+
+    /// Image latents `[B, F, C, h, w]` as diffusers' `prepare_latents` builds them: posterior
+    /// sample, scaled (or inverse-scaled), zero-padded to `latent_frames` frames, with 1.5's
+    /// first-frame rule. `image` is `[B, 3, H, W]` in `[0, 1]`; `noise` `[B, C, 1, h, w]`.
+    pub fn image_latents(
+        &self,
+        image: &Tensor,
+        noise: &Tensor,
+        latent_frames: usize,
+    ) -> Result<Tensor> {
+        // [B, 3, H, W] -> [B, 1, 3, H, W]
+        let post = self.encode_frames(&image.unsqueeze(1)?)?;
+        if noise.dims() != post.mean.dims() {
+            return Err(Error::invalid(
+                "image_noise",
+                format!(
+                    "expected shape {:?} [B, C, 1, h, w], found {:?}",
+                    post.mean.dims(),
+                    noise.dims()
+                ),
+            ));
+        }
+        let z = post.sample(&noise.to_device(self.device())?.to_dtype(DType::F32)?)?;
+        self.image_latents_from_posterior_sample(&z, latent_frames)
+    }
+
+    /// The scaling and padding half of [`Self::image_latents`], from a posterior sample
+    /// `[B, C, 1, h, w]` (VAE layout).
+    pub fn image_latents_from_posterior_sample(
+        &self,
+        z: &Tensor,
+        latent_frames: usize,
+    ) -> Result<Tensor> {
+        let vcfg = self.vae.config();
+        let sf = vcfg.scaling_factor;
+        // [B, C, 1, h, w] -> [B, 1, C, h, w]
+        let z = z.permute((0, 2, 1, 3, 4))?;
+        let z = if vcfg.invert_scale_latents {
+            (z * (1.0 / sf))?
+        } else {
+            (z * sf)?
+        };
+        let (b, f0, c, h, w) = z.dims5()?;
+        let mut img = if latent_frames > f0 {
+            let pad = Tensor::zeros((b, latent_frames - f0, c, h, w), DType::F32, z.device())?;
+            Tensor::cat(&[&z, &pad], 1)?
+        } else {
+            z
+        };
+        if let Some(pt) = self.transformer.config().patch_size_t.filter(|&p| p > 1) {
+            let rem = img.dim(1)? % pt;
+            if rem != 0 {
+                let first = img.narrow(1, 0, rem)?;
+                img = Tensor::cat(&[&first, &img], 1)?;
+            }
+        }
+        Ok(img)
+    }
+
+    /// Runs an image-to-video generation, reporting to `observer` as [`Self::generate`] does.
+    pub fn image_to_video(
+        &mut self,
+        req: ImageToVideoRequest,
+        observer: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
+    ) -> Result<GenerateOutput> {
+        let ImageToVideoRequest {
+            request: mut req,
+            image,
+            image_noise,
+            image_noise_sigma,
+        } = req;
+        self.check_image_to_video()?;
+        let (num_frames, height, width) = self.resolve_size(&req)?;
+        let image = self.check_image(&image, height, width)?;
+        let steps = req.num_inference_steps;
+        notify(observer(Event::Started {
+            num_frames,
+            height,
+            width,
+            steps,
+        }))?;
+
+        let cond = self.prepare_text(&mut req)?;
+        if image.dim(0)? != cond.batch {
+            return Err(Error::invalid(
+                "image",
+                format!(
+                    "{} images for {} prompts; give one image per prompt",
+                    image.dim(0)?,
+                    cond.batch
+                ),
+            ));
+        }
+        notify(observer(Event::TextEncoded))?;
+
+        self.scheduler.set_timesteps(steps)?;
+        let timesteps = self.scheduler.timesteps().to_vec();
+
+        // Latents: [B, F_lat (padded for 1.5), C, h, w], C = in_channels / 2.
+        let (latent_frames, additional_frames) = self.latent_frames(num_frames);
+        let s = self.vae_scale_spatial();
+        let c = self.vae.config().latent_channels;
+        let shape = [cond.batch, latent_frames, c, height / s, width / s];
+        let latents = match req.latents.take() {
+            Some(l) => self.check_latents(
+                l,
+                shape,
+                &format!("{num_frames} frames at {height}x{width}"),
+            )?,
+            None => NoiseRng::new(req.seed).randn(shape.to_vec(), self.device())?,
+        };
+        let latents = (latents * self.scheduler.init_noise_sigma())?;
+        let mut noise = req
+            .scheduler_noise
+            .take()
+            .unwrap_or_else(|| default_scheduler_noise(req.seed));
+
+        // The image: optional pixel augmentation, then the posterior sample.
+        let image = match image_noise_sigma {
+            None => image,
+            Some(sigma) => {
+                if !(sigma.is_finite() && sigma >= 0.0) {
+                    return Err(Error::invalid(
+                        "image_noise_sigma",
+                        format!("must be a finite number >= 0, got {sigma}"),
+                    ));
+                }
+                // in [-1, 1] units: x' = x + sigma * n  <=>  (x01' = x01 + sigma/2 * n)
+                let n =
+                    NoiseRng::new(req.seed.wrapping_add(3)).randn(image.dims(), self.device())?;
+                (&image + (n * (sigma / 2.0))?)?
+            }
+        };
+        let post_shape = [cond.batch, c, 1, height / s, width / s];
+        let image_noise = match image_noise {
+            Some(n) => n,
+            None => {
+                NoiseRng::new(req.seed.wrapping_add(2)).randn(post_shape.to_vec(), self.device())?
+            }
+        };
+        let image_latents = self.image_latents(&image, &image_noise, latent_frames)?;
+
+        let rope = self.rope_tables(height, width, latent_frames)?;
+        let ofs = match self.transformer.config().ofs_embed_dim {
+            Some(_) => Some(Tensor::new(&[2.0f32], self.device())?),
+            None => None,
+        };
+        let latents = self.denoise(
+            latents,
+            Denoise {
+                text: &cond.text,
+                batch: cond.batch,
+                guidance_scale: req.guidance_scale,
+                use_dynamic_cfg: req.use_dynamic_cfg,
+                dynamic_cfg_steps: steps,
+                timesteps: &timesteps,
+                rope: rope.as_ref(),
+                image_latents: Some(&image_latents),
+                ofs: ofs.as_ref(),
+                noise: noise.as_mut(),
+                step_offset: 0,
+                step_total: timesteps.len(),
+            },
+            &mut |_, _, x| Ok(x),
+            observer,
+        )?;
+
+        let frames = match req.output {
+            OutputKind::Latent => None,
+            OutputKind::Frames => {
+                notify(observer(Event::Decoding))?;
+                Some(self.decode_latents(&latents.narrow(
+                    1,
+                    additional_frames,
+                    latent_frames - additional_frames,
+                )?)?)
+            }
+        };
+        Ok(GenerateOutput {
+            latents,
+            frames,
+            num_frames,
+            height,
+            width,
+        })
+    }
+
+    /// Checks a conditioning image `[B, 3, H, W]` or `[3, H, W]` in `[0, 1]` against the
+    /// generation size; returns it as `[B, 3, H, W]` f32 on the pipeline's device.
+    fn check_image(&self, image: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+        let image = match image.rank() {
+            3 => image.unsqueeze(0)?,
+            4 => image.clone(),
+            _ => {
+                return Err(Error::invalid(
+                    "image",
+                    format!("expected shape [B, 3, H, W], found {:?}", image.dims()),
+                ))
+            }
+        };
+        let (_, c, h, w) = image.dims4()?;
+        if c != 3 || (h, w) != (height, width) {
+            return Err(Error::invalid(
+                "image",
+                format!(
+                    "expected shape [B, 3, {height}, {width}] (RGB at the generation size; resize with vdit_video::fit), found {:?}",
+                    image.dims()
+                ),
+            ));
+        }
+        check_unit_range("image", &image)?;
+        self.check_learned_position_size(height, width)?;
+        Ok(image.to_device(self.device())?.to_dtype(DType::F32)?)
+    }
+}
+
+impl CogVideoXPipeline {
+    /// Learned positional embeddings (CogVideoX-5b-I2V) exist only for the sample size: an
+    /// error naming the size otherwise.
+    pub(crate) fn check_learned_position_size(&self, height: usize, width: usize) -> Result<()> {
+        let t = self.transformer.config();
+        if !t.use_learned_positional_embeddings {
+            return Ok(());
+        }
+        let s = self.vae_scale_spatial();
+        let (sh, sw) = (t.sample_height * s, t.sample_width * s);
+        if (height, width) != (sh, sw) {
+            return Err(Error::invalid(
+                "height",
+                format!(
+                    "this model's learned positional embeddings exist only for {sw}x{sh} (width x height); got {width}x{height}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Frames must be in `[0, 1]` (a `[0, 255]` tensor would be encoded as a white flash).
+pub(crate) fn check_unit_range(name: &str, x: &Tensor) -> Result<()> {
+    let flat = x.to_dtype(DType::F32)?.flatten_all()?;
+    let (lo, hi) = (
+        flat.min(0)?.to_scalar::<f32>()?,
+        flat.max(0)?.to_scalar::<f32>()?,
+    );
+    if !(lo >= -1e-3 && hi <= 1.0 + 1e-3) {
+        return Err(Error::invalid(
+            name,
+            format!("values must be in [0, 1], found [{lo}, {hi}]"),
+        ));
+    }
+    Ok(())
+}
