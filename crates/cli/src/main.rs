@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod eval_model;
 mod generate;
+mod serve;
 mod train_cmd;
 mod world_cmd;
 
@@ -32,6 +33,8 @@ enum Command {
     World(world_cmd::WorldArgs),
     /// Evaluate generated videos.
     Eval(world_cmd::EvalArgs),
+    /// Serve video generation over HTTP: a job API, progress over SSE, and a web page.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Train(a) => train_cmd::run(a),
         Command::World(a) => world_cmd::run_world(a),
         Command::Eval(a) => world_cmd::run_eval(a),
+        Command::Serve(a) => serve::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
