@@ -18,6 +18,7 @@
 //! `export/` (the model's inference files, EMA weights, written at the end).
 
 pub mod checkpoint;
+pub mod cogvideox_train;
 pub mod config;
 pub mod data;
 pub mod diffops;
@@ -28,9 +29,14 @@ pub mod objective;
 pub mod optim;
 pub mod plot;
 pub mod stages;
+pub mod t2v_stage;
+pub mod t5_train;
 pub mod toy;
 pub mod trainable;
 pub mod trainer;
+pub mod vae_stage;
+pub mod vae_train;
+pub mod word_tokenizer;
 
 pub use config::{Stage, TrainConfig};
 pub use data::{Batch, Bucket};

@@ -9,20 +9,14 @@ use crate::config::{Stage, TrainConfig};
 use crate::trainable::Trainable;
 use crate::trainer::{train, Control, Progress, Summary};
 use candle_core::Device;
-use vdit_core::{Error, Result};
+use vdit_core::Result;
 
 /// The model of `cfg.stage`, with fresh seeded weights.
 pub fn build(cfg: &TrainConfig, dev: &Device) -> Result<Box<dyn Trainable>> {
     match cfg.stage {
         Stage::Toy => Ok(Box::new(crate::toy::ToyModel::new(cfg, dev)?)),
-        Stage::Vae | Stage::Transformer => Err(Error::invalid(
-            "stage",
-            format!(
-                "{:?} cannot be trained yet: its trainable model (vdit-models' differentiable path) \
-                 is not plugged in; \"toy\" is available",
-                cfg.stage.name()
-            ),
-        )),
+        Stage::Vae => Ok(Box::new(crate::vae_stage::VaeStage::new(cfg, dev)?)),
+        Stage::Transformer => Ok(Box::new(crate::t2v_stage::TextToVideoStage::new(cfg, dev)?)),
     }
 }
 

@@ -1,0 +1,617 @@
+//! The text-to-video stage (`stage = "transformer"`): a T5 encoder and a CogVideoX transformer
+//! trained together on the latents of a frozen, already trained VAE, with the diffusion
+//! objective of [`crate::objective`] (CogVideoX's v-prediction schedule by default).
+//!
+//! Per micro-batch: captions are replaced by the empty prompt with probability
+//! `caption_dropout` (so the model also learns the unconditional prediction that
+//! classifier-free guidance needs), tokenized as the pipeline tokenizes them (words, `</s>`,
+//! `<pad>` up to `max_text_seq_length`) and encoded by T5; the clips are encoded by the VAE
+//! (inference kernels, no graph), a posterior sample is drawn and scaled by the VAE's
+//! `scaling_factor`, permuted to the transformer's `[B, F, C, h, w]`, noised, and the
+//! transformer's prediction is scored.
+//!
+//! Frozen-VAE cache: when `data.num_clips` is finite the clips repeat, so the posterior
+//! `(mean, logvar)` of each (bucket, clip) is kept after its first encoding (the sample is
+//! still drawn afresh from the step's stream, so results are identical with or without the
+//! cache). The cache holds at most `latent_cache_mb` MiB (default 1024): once full, new clips
+//! are encoded and not kept (with uniform clip sampling, any eviction rule gives the same hit
+//! rate as keeping the first ones).
+//!
+//! Initialisation (transformer; T5 keeps transformers' `_init_weights`): DiT's — linear and
+//! patch weights Xavier-uniform, timestep MLP N(0, 0.02²), and adaLN-Zero: the modulation
+//! linears of every block (`norm1.linear`, `norm2.linear`), of `norm_out` and the output
+//! projection `proj_out` start at zero, so every block starts as the identity and the model
+//! predicts 0.
+//!
+//! `export` writes the complete diffusers `CogVideoXPipeline` folder: `model_index.json`,
+//! `scheduler/`, `transformer/`, `text_encoder/`, `tokenizer/` and `vae/` (copied from
+//! `vae_dir`, its `temporal_compression_ratio` written as an integer as diffusers needs), plus
+//! vdit's `generation_config.json` (25 steps, guidance 6, the training clips' fps).
+//!
+//! ```toml
+//! [model]
+//! vae_dir = "runs/vae/export"   # a diffusers AutoencoderKLCogVideoX folder (frozen)
+//! caption_dropout = 0.1         # probability of training on the empty prompt
+//! max_text_seq_length = 32      # tokens per prompt; must equal transformer.max_text_seq_length
+//! latent_cache_mb = 1024        # bound of the posterior cache (only with data.num_clips)
+//! [model.transformer]           # CogVideoXTransformer3DModel config.json fields
+//! [model.text_encoder]          # T5Config fields (transformers' names)
+//! ```
+
+use crate::cogvideox_train::TrainCogVideoX;
+use crate::config::{LossWeighting, TrainConfig};
+use crate::data::Batch;
+use crate::init::{default_rule, SeededVarMap};
+use crate::objective::{diffusion_loss, posterior_sample, sample_noised};
+use crate::t5_train::{write_text_encoder_folder, T5Config, TrainT5};
+use crate::trainable::{component, save_weights, LossOutput, Trainable};
+use crate::word_tokenizer::{build_tokenizer, world_vocabulary, write_tokenizer_folder, PAD_ID};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::Init;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokenizers::{Tokenizer, TruncationDirection};
+use vdit_core::{Error, Result};
+use vdit_models::autoencoders::cogvideox_vae::AutoencoderKLCogVideoX;
+use vdit_models::transformers::cogvideox::{
+    cogvideox_rotary_pos_embed, CogVideoXTransformerConfig,
+};
+use vdit_schedulers::CogVideoXDDIMScheduler;
+
+/// The diffusers version written into the exported configs.
+pub const DIFFUSERS_VERSION: &str = "0.42.1";
+
+/// `[model]` of a transformer-stage config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextToVideoConfig {
+    /// A diffusers `AutoencoderKLCogVideoX` folder (the VAE stage's `export/`), frozen here.
+    pub vae_dir: PathBuf,
+    /// The transformer's `config.json` fields. Default: diffusers' defaults (CogVideoX-2b).
+    #[serde(default)]
+    pub transformer: CogVideoXTransformerConfig,
+    /// The T5 encoder's fields. Default: [`T5Config::default`].
+    #[serde(default)]
+    pub text_encoder: T5Config,
+    /// Probability of replacing a caption by "" (classifier-free guidance). Default 0.1.
+    #[serde(default = "default_caption_dropout")]
+    pub caption_dropout: f64,
+    /// Tokens per prompt; must equal `transformer.max_text_seq_length` (default: that value).
+    #[serde(default)]
+    pub max_text_seq_length: Option<usize>,
+    /// Upper bound of the posterior cache in MiB. Default 1024.
+    #[serde(default = "default_cache_mb")]
+    pub latent_cache_mb: usize,
+}
+
+fn default_caption_dropout() -> f64 {
+    0.1
+}
+
+fn default_cache_mb() -> usize {
+    1024
+}
+
+/// The transformer's initialisation (see the module docs); other vars follow
+/// [`default_rule`] (which keeps the hints T5 gives).
+pub fn init_rule(name: &str, shape: &[usize], hint: Init) -> Init {
+    let Some(key) = name.strip_prefix("transformer.") else {
+        return default_rule(name, shape, hint);
+    };
+    let zero = key.starts_with("proj_out.")
+        || key.starts_with("norm_out.linear.")
+        || key.contains(".norm1.linear.")
+        || key.contains(".norm2.linear.");
+    if zero {
+        return Init::Const(0.0);
+    }
+    if shape.len() <= 1 {
+        return default_rule(name, shape, hint);
+    }
+    if key.starts_with("time_embedding.") {
+        return Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+    }
+    // Xavier uniform over [out, in·...] (a conv weight as its flattened linear)
+    let fan_out = shape[0];
+    let fan_in: usize = shape[1..].iter().product();
+    let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+/// Key names of a serde struct's JSON form (to reject typos in a table whose struct accepts
+/// unknown keys, as the diffusers-config structs must).
+fn check_keys<T: Serialize>(value: &serde_json::Value, known: &T, key: &str) -> Result<()> {
+    let file = Path::new("<config>");
+    let (Some(given), Ok(serde_json::Value::Object(known))) =
+        (value.as_object(), serde_json::to_value(known))
+    else {
+        return Ok(());
+    };
+    for k in given.keys() {
+        if !known.contains_key(k) {
+            return Err(Error::config(
+                file,
+                format!("{key}.{k}"),
+                format!(
+                    "unknown field; expected one of {}",
+                    known.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Posterior `(mean, logvar)` per (bucket, clip), bounded in bytes.
+struct LatentCache {
+    map: HashMap<(usize, u64), (Tensor, Tensor)>,
+    bytes: usize,
+    limit: usize,
+    hits: u64,
+    misses: u64,
+}
+
+/// The T5 encoder + CogVideoX transformer stage; see the module docs.
+pub struct TextToVideoStage {
+    cfg: TextToVideoConfig,
+    vars: SeededVarMap,
+    t5: TrainT5,
+    transformer: TrainCogVideoX,
+    tokenizer: Tokenizer,
+    vae: AutoencoderKLCogVideoX,
+    sched: CogVideoXDDIMScheduler,
+    train_cfg: TrainConfig,
+    cache: Option<Mutex<LatentCache>>,
+    device: Device,
+}
+
+impl TextToVideoStage {
+    /// Builds the stage from a run's config: reads `[model]`, loads the VAE, checks that the
+    /// parts fit together and creates the vars (seeded by `cfg.seed`).
+    pub fn new(cfg: &TrainConfig, dev: &Device) -> Result<Self> {
+        let file = Path::new("<config>");
+        let mc: TextToVideoConfig =
+            serde_path_to_error::deserialize(cfg.model.clone()).map_err(|e| {
+                Error::config(file, format!("model.{}", e.path()), e.inner().to_string())
+            })?;
+        if let Some(t) = cfg.model.get("transformer") {
+            check_keys(
+                t,
+                &CogVideoXTransformerConfig::default(),
+                "model.transformer",
+            )?;
+        }
+        let tc = &mc.transformer;
+        let bad = |key: &str, msg: String| Err(Error::config(file, key, msg));
+        if let Some(l) = mc.max_text_seq_length {
+            if l != tc.max_text_seq_length {
+                return bad(
+                    "model.max_text_seq_length",
+                    format!(
+                        "{l} differs from model.transformer.max_text_seq_length {}; they must be equal",
+                        tc.max_text_seq_length
+                    ),
+                );
+            }
+        }
+        if !(0.0..=1.0).contains(&mc.caption_dropout) {
+            return bad(
+                "model.caption_dropout",
+                format!(
+                    "expected a probability in [0, 1], found {}",
+                    mc.caption_dropout
+                ),
+            );
+        }
+        tc.validate(Path::new("<config> model.transformer"))?;
+        mc.text_encoder.validate().map_err(|e| match e {
+            Error::Config { key, msg, .. } => {
+                Error::config(file, format!("model.text_encoder.{key}"), msg)
+            }
+            other => other,
+        })?;
+        if tc.text_embed_dim != mc.text_encoder.d_model {
+            return bad(
+                "model.transformer.text_embed_dim",
+                format!(
+                    "{} differs from model.text_encoder.d_model {} (the T5 output feeds the transformer)",
+                    tc.text_embed_dim, mc.text_encoder.d_model
+                ),
+            );
+        }
+        let tokenizer = build_tokenizer(&world_vocabulary())?;
+        let vocab = tokenizer.get_vocab_size(true);
+        if mc.text_encoder.vocab_size < vocab {
+            return bad(
+                "model.text_encoder.vocab_size",
+                format!(
+                    "{} is smaller than the tokenizer's {vocab} tokens",
+                    mc.text_encoder.vocab_size
+                ),
+            );
+        }
+        if tc.max_text_seq_length < 2 {
+            return bad(
+                "model.transformer.max_text_seq_length",
+                format!(
+                    "expected at least 2 (a word and </s>), found {}",
+                    tc.max_text_seq_length
+                ),
+            );
+        }
+        let vae = AutoencoderKLCogVideoX::load(&mc.vae_dir, DType::F32, dev).map_err(|e| {
+            Error::Msg(format!(
+                "model.vae_dir = {:?}: cannot load the VAE (train the \"vae\" stage first): {e}",
+                mc.vae_dir.display().to_string()
+            ))
+        })?;
+        let vc = vae.config();
+        if vc.latent_channels != tc.in_channels || vc.latent_channels != tc.out_channels {
+            return bad(
+                "model.transformer.in_channels",
+                format!(
+                    "in_channels {} / out_channels {} must equal the VAE's latent_channels {}",
+                    tc.in_channels, tc.out_channels, vc.latent_channels
+                ),
+            );
+        }
+        let tcr = vc.temporal_compression_ratio as usize;
+        if tcr != tc.temporal_compression_ratio {
+            return bad(
+                "model.transformer.temporal_compression_ratio",
+                format!(
+                    "{} differs from the VAE's {tcr}",
+                    tc.temporal_compression_ratio
+                ),
+            );
+        }
+        let cell = vc.spatial_compression() * tc.patch_size;
+        for (i, b) in cfg.data.buckets.iter().enumerate() {
+            if !b.width.is_multiple_of(cell) || !b.height.is_multiple_of(cell) {
+                return bad(
+                    &format!("data.buckets[{i}]"),
+                    format!(
+                        "{}x{} is not a multiple of {cell} (VAE compression {} x patch_size {})",
+                        b.width,
+                        b.height,
+                        vc.spatial_compression(),
+                        tc.patch_size
+                    ),
+                );
+            }
+        }
+        let sched = CogVideoXDDIMScheduler::with_file(
+            cfg.diffusion.scheduler.clone(),
+            "<config> diffusion.scheduler".into(),
+        )?;
+        if cfg.diffusion.weighting == LossWeighting::Cogvideox
+            && cfg.diffusion.scheduler.prediction_type
+                != vdit_schedulers::PredictionType::VPrediction
+        {
+            return bad(
+                "diffusion.weighting",
+                "\"cogvideox\" needs prediction_type = \"v_prediction\"; use \"none\"".into(),
+            );
+        }
+        let vars = SeededVarMap::with_rule(cfg.seed, Arc::new(init_rule));
+        let vb = vars.var_builder(DType::F32, dev);
+        let t5 = TrainT5::new(&mc.text_encoder, vb.pp("text_encoder"))?;
+        let transformer = TrainCogVideoX::new(tc, vb.pp("transformer"))?;
+        let cache = cfg.data.num_clips.map(|_| {
+            Mutex::new(LatentCache {
+                map: HashMap::new(),
+                bytes: 0,
+                limit: mc.latent_cache_mb << 20,
+                hits: 0,
+                misses: 0,
+            })
+        });
+        Ok(Self {
+            cfg: mc,
+            vars,
+            t5,
+            transformer,
+            tokenizer,
+            vae,
+            sched,
+            train_cfg: cfg.clone(),
+            cache,
+            device: dev.clone(),
+        })
+    }
+
+    pub fn transformer(&self) -> &TrainCogVideoX {
+        &self.transformer
+    }
+
+    pub fn text_encoder(&self) -> &TrainT5 {
+        &self.t5
+    }
+
+    /// Token ids `[B, L]` for `prompts`, as the pipeline's tokenizer gives them
+    /// (`TextTokenizer::encode_padded`): words truncated to `L − 1`, `</s>`, `<pad>` up to `L`.
+    pub fn tokenize(&self, prompts: &[&str]) -> Result<Tensor> {
+        let l = self.cfg.transformer.max_text_seq_length;
+        let n_special = self
+            .tokenizer
+            .get_post_processor()
+            .map(|p| tokenizers::PostProcessor::added_tokens(p, false))
+            .unwrap_or(0);
+        let budget = l.saturating_sub(n_special);
+        let mut ids = Vec::with_capacity(prompts.len() * l);
+        for (i, p) in prompts.iter().enumerate() {
+            let err = |e: tokenizers::Error| {
+                Error::Msg(format!("cannot tokenize caption {i} ({p:?}): {e}"))
+            };
+            let mut enc = self.tokenizer.encode(*p, false).map_err(err)?;
+            if enc.len() > budget {
+                enc.truncate(budget, 0, TruncationDirection::Right);
+                enc.take_overflowing();
+            }
+            let enc = self.tokenizer.post_process(enc, None, true).map_err(err)?;
+            let mut row = enc.get_ids().to_vec();
+            row.resize(l, PAD_ID);
+            ids.extend(row);
+        }
+        Ok(Tensor::from_vec(ids, (prompts.len(), l), &self.device)?)
+    }
+
+    /// The VAE posterior `(mean, logvar)` `[B, C, F', h, w]` of the batch's clips, from the
+    /// cache where possible.
+    fn posterior(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
+        let encode = |x: &Tensor| -> Result<(Tensor, Tensor)> {
+            let p = self.vae.encode_plain(x)?;
+            Ok((p.mean, p.logvar))
+        };
+        let Some(cache) = &self.cache else {
+            return encode(&batch.pixels);
+        };
+        let n = batch.clip_indices.len();
+        let mut parts: Vec<Option<(Tensor, Tensor)>> = {
+            let c = cache.lock().unwrap_or_else(|e| e.into_inner());
+            batch
+                .clip_indices
+                .iter()
+                .map(|&i| c.map.get(&(batch.bucket, i)).cloned())
+                .collect()
+        };
+        let missing: Vec<usize> = (0..n).filter(|&i| parts[i].is_none()).collect();
+        if !missing.is_empty() {
+            let idx = Tensor::new(
+                missing.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                &self.device,
+            )?;
+            let (mean, logvar) = encode(&batch.pixels.index_select(&idx, 0)?)?;
+            let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, &i) in missing.iter().enumerate() {
+                let (m, l) = (mean.get(k)?.contiguous()?, logvar.get(k)?.contiguous()?);
+                let size = 2 * m.elem_count() * 4;
+                let key = (batch.bucket, batch.clip_indices[i]);
+                if c.bytes + size <= c.limit && !c.map.contains_key(&key) {
+                    c.map.insert(key, (m.clone(), l.clone()));
+                    c.bytes += size;
+                }
+                parts[i] = Some((m, l));
+            }
+            c.misses += missing.len() as u64;
+            c.hits += (n - missing.len()) as u64;
+        } else {
+            let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+            c.hits += n as u64;
+        }
+        let (means, logvars): (Vec<Tensor>, Vec<Tensor>) =
+            parts.into_iter().map(|p| p.expect("filled above")).unzip();
+        Ok((Tensor::stack(&means, 0)?, Tensor::stack(&logvars, 0)?))
+    }
+
+    /// (entries, MiB, hits, misses) of the posterior cache, if there is one.
+    pub fn cache_stats(&self) -> Option<(usize, f64, u64, u64)> {
+        self.cache.as_ref().map(|c| {
+            let c = c.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                c.map.len(),
+                c.bytes as f64 / (1 << 20) as f64,
+                c.hits,
+                c.misses,
+            )
+        })
+    }
+
+    /// Clean latents `[B, F', C, h, w]` (scaled) for a batch, with the posterior noise from `rng`.
+    pub fn latents(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+        let (mean, logvar) = self.posterior(batch)?;
+        let z = (posterior_sample(&mean, &logvar, rng)? * self.vae.config().scaling_factor)?;
+        // [B, C, F', h, w] -> [B, F', C, h, w]
+        Ok(z.permute((0, 2, 1, 3, 4))?.contiguous()?.detach())
+    }
+
+    /// `model_index.json`.
+    fn model_index() -> serde_json::Value {
+        serde_json::json!({
+            "_class_name": "CogVideoXPipeline",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
+            "text_encoder": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+            "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+        })
+    }
+}
+
+/// `value` (a serde struct's JSON object) with `_class_name` and `_diffusers_version` first.
+fn diffusers_config<T: Serialize>(class: &str, value: &T) -> Result<String> {
+    let mut m = serde_json::Map::new();
+    m.insert("_class_name".into(), class.into());
+    m.insert("_diffusers_version".into(), DIFFUSERS_VERSION.into());
+    match serde_json::to_value(value).map_err(|e| Error::Msg(e.to_string()))? {
+        serde_json::Value::Object(o) => m.extend(o),
+        other => {
+            return Err(Error::Msg(format!(
+                "{class}: config is not an object: {other}"
+            )))
+        }
+    }
+    serde_json::to_string_pretty(&serde_json::Value::Object(m))
+        .map(|s| s + "\n")
+        .map_err(|e| Error::Msg(e.to_string()))
+}
+
+/// The VAE's `config.json` with an integral `temporal_compression_ratio` written as an integer
+/// (`4`, as in the upstream checkpoints): diffusers' `CogVideoXPipeline` computes the latent
+/// frame count as `(num_frames - 1) // ratio + 1`, and a float there (`4.0`) makes its
+/// `torch.randn` fail on a float size.
+fn vae_config_for_diffusers(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(path, "<json>", format!("not valid JSON: {e}")))?;
+    if let Some(r) = v.get_mut("temporal_compression_ratio") {
+        if let Some(f) = r.as_f64().filter(|f| f.fract() == 0.0 && *f >= 1.0) {
+            *r = serde_json::Value::from(f as u64);
+        }
+    }
+    serde_json::to_string_pretty(&v)
+        .map(|s| s + "\n")
+        .map_err(|e| Error::Msg(e.to_string()))
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    crate::checkpoint::write_atomic(path, text.as_bytes())
+}
+
+impl Trainable for TextToVideoStage {
+    fn vars(&self) -> Vec<(String, Var)> {
+        self.vars.vars()
+    }
+
+    fn loss(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> Result<LossOutput> {
+        let b = batch.captions.len();
+        // 1. text, with caption dropout
+        let mut dropped = 0usize;
+        let prompts: Vec<&str> = batch
+            .captions
+            .iter()
+            .map(|c| {
+                if rng.random::<f64>() < self.cfg.caption_dropout {
+                    dropped += 1;
+                    ""
+                } else {
+                    c.as_str()
+                }
+            })
+            .collect();
+        let text = self.t5.forward(&self.tokenize(&prompts)?)?; // [B, L, d_model]
+                                                                // 2. latents of the frozen VAE
+        let x0 = self.latents(batch, rng)?; // [B, F', C, h, w]
+        let (_, f, _, _, _) = x0.dims5()?;
+        // 3. the diffusion objective
+        let nb = sample_noised(&self.sched, &x0, rng)?;
+        let t: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_vec(t, b, &self.device)?;
+        let rope = if self.cfg.transformer.use_rotary_positional_embeddings {
+            Some(cogvideox_rotary_pos_embed(
+                &self.cfg.transformer,
+                batch.height,
+                batch.width,
+                f,
+                self.vae.config().spatial_compression(),
+                &self.device,
+            )?)
+        } else {
+            None
+        };
+        let pred =
+            self.transformer
+                .forward(&nb.noisy, &text, &t, rope.as_ref().map(|(c, s)| (c, s)))?;
+        let loss = diffusion_loss(
+            &self.sched,
+            &pred,
+            &nb,
+            &x0,
+            self.train_cfg.diffusion.weighting,
+        )?;
+        let mut out = LossOutput::new(loss);
+        out.metrics
+            .push(("uncond".into(), dropped as f64 / b.max(1) as f64));
+        Ok(out)
+    }
+
+    fn export(&self, dir: &Path, weights: &[(String, Tensor)]) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let json = |v: &serde_json::Value| {
+            serde_json::to_string_pretty(v)
+                .map(|s| s + "\n")
+                .map_err(|e| Error::Msg(e.to_string()))
+        };
+        write(&dir.join("model_index.json"), &json(&Self::model_index())?)?;
+        // vdit's generation defaults (diffusers ignores the file): 25 steps, the clips' fps
+        let generation = serde_json::json!({
+            "num_inference_steps": 25,
+            "guidance_scale": 6.0,
+            "use_dynamic_cfg": false,
+            "fps": self.train_cfg.data.fps,
+        });
+        write(&dir.join("generation_config.json"), &json(&generation)?)?;
+        // scheduler
+        let sd = dir.join("scheduler");
+        std::fs::create_dir_all(&sd).map_err(|e| Error::io(&sd, e))?;
+        write(
+            &sd.join("scheduler_config.json"),
+            &diffusers_config(
+                "CogVideoXDDIMScheduler",
+                &self.train_cfg.diffusion.scheduler,
+            )?,
+        )?;
+        // transformer
+        let td = dir.join("transformer");
+        std::fs::create_dir_all(&td).map_err(|e| Error::io(&td, e))?;
+        write(
+            &td.join("config.json"),
+            &diffusers_config("CogVideoXTransformer3DModel", &self.cfg.transformer)?,
+        )?;
+        let tw = component(weights, "transformer");
+        save_weights(&td.join("diffusion_pytorch_model.safetensors"), &tw)?;
+        // text encoder and tokenizer
+        write_text_encoder_folder(
+            &dir.join("text_encoder"),
+            &self.cfg.text_encoder,
+            &component(weights, "text_encoder"),
+        )?;
+        write_tokenizer_folder(
+            &dir.join("tokenizer"),
+            &self.tokenizer,
+            self.cfg.transformer.max_text_seq_length,
+        )?;
+        // the VAE, as trained
+        let vd = dir.join("vae");
+        std::fs::create_dir_all(&vd).map_err(|e| Error::io(&vd, e))?;
+        let src = &self.cfg.vae_dir;
+        let entries = std::fs::read_dir(src).map_err(|e| Error::io(src, e))?;
+        for e in entries {
+            let p = e.map_err(|e| Error::io(src, e))?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name == "config.json" {
+                write(&vd.join(name), &vae_config_for_diffusers(&p)?)?;
+            } else if name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json") {
+                std::fs::copy(&p, vd.join(name)).map_err(|e| Error::io(&p, e))?;
+            }
+        }
+        if let Some((n, mb, hits, misses)) = self.cache_stats() {
+            tracing::info!(entries = n, mib = mb, hits, misses, "latent cache");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

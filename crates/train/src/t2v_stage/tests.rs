@@ -1,0 +1,534 @@
+use super::*;
+use crate::config::Stage;
+use crate::data::{batches_for_step, step_rng, Bucket};
+use crate::gradcheck::assert_all_vars_get_grads;
+use crate::trainer::{export_dir, train, Control};
+use vdit_core::folder::PipelineFolder;
+use vdit_models::autoencoders::cogvideox_vae::AutoencoderKLCogVideoXConfig;
+use vdit_models::text::t5::T5Encoder;
+use vdit_models::text::tokenizer::TextTokenizer;
+use vdit_models::transformers::cogvideox::CogVideoXTransformer3D;
+use vdit_schedulers::{load_scheduler, NoiseSource};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vdit-t2v-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// A diffusers VAE folder with the parity fixtures' tiny shape (8x spatial, 4x temporal, 4
+/// latent channels) and seeded random weights.
+fn tiny_vae(dir: &Path) -> AutoencoderKLCogVideoXConfig {
+    let cfg = AutoencoderKLCogVideoXConfig::tiny();
+    let vars = SeededVarMap::new(5);
+    AutoencoderKLCogVideoX::new(cfg.clone(), vars.var_builder(DType::F32, &Device::Cpu)).unwrap();
+    // a near-deterministic posterior (logvar −12, as a trained VAE's is small), so that the
+    // latents carry the clips and not the sampling noise
+    let c = cfg.latent_channels;
+    for (name, v) in vars.vars() {
+        if name == "encoder.conv_out.conv.weight" || name == "encoder.conv_out.conv.bias" {
+            let t = v.as_tensor();
+            let logvar = if name.ends_with("bias") {
+                Tensor::full(-12f32, c, &Device::Cpu).unwrap()
+            } else {
+                t.narrow(0, c, c).unwrap().zeros_like().unwrap()
+            };
+            v.set(&Tensor::cat(&[&t.narrow(0, 0, c).unwrap(), &logvar], 0).unwrap())
+                .unwrap();
+        }
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let w: Vec<(String, Tensor)> = vars
+        .vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().detach()))
+        .collect();
+    save_weights(&dir.join("diffusion_pytorch_model.safetensors"), &w).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        diffusers_config("AutoencoderKLCogVideoX", &cfg).unwrap(),
+    )
+    .unwrap();
+    cfg
+}
+
+/// A tiny text-to-video run config over `vae_dir` (32x32 clips → 4x4 latents).
+fn tiny_config(vae_dir: &Path, out: &Path) -> TrainConfig {
+    let t5 = T5Config::tiny(3 + world_vocabulary().len());
+    let mut cfg = TrainConfig {
+        stage: Stage::Transformer,
+        out_dir: out.to_path_buf(),
+        seed: 3,
+        steps: 150,
+        batch_size: 2,
+        checkpoint_every: 1000,
+        plot_every: 1000,
+        model: serde_json::json!({
+            "vae_dir": vae_dir,
+            "caption_dropout": 0.2,
+            "max_text_seq_length": 16,
+            "transformer": {
+                "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2,
+                "in_channels": 4, "out_channels": 4, "time_embed_dim": 16,
+                "text_embed_dim": t5.d_model, "sample_width": 4, "sample_height": 4,
+                "sample_frames": 9, "max_text_seq_length": 16,
+            },
+            "text_encoder": t5,
+        }),
+        ..Default::default()
+    };
+    cfg.data.num_clips = Some(2);
+    cfg.data.buckets = vec![
+        Bucket {
+            width: 32,
+            height: 32,
+            frames: 9,
+            weight: 1.0,
+            batch_size: None,
+        },
+        Bucket {
+            width: 32,
+            height: 32,
+            frames: 1,
+            weight: 1.0,
+            batch_size: Some(4),
+        },
+    ];
+    cfg.optim.lr = 3e-3;
+    cfg.optim.warmup_steps = 3;
+    cfg.ema.decay = 0.0;
+    cfg
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let root = tmp("errors");
+    let vae = root.join("vae");
+    tiny_vae(&vae);
+    let base = tiny_config(&vae, &root.join("run"));
+    let dev = Device::Cpu;
+    let err = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut cfg = base.clone();
+        edit(&mut cfg.model);
+        TextToVideoStage::new(&cfg, &dev)
+            .err()
+            .expect("an error")
+            .to_string()
+    };
+    let e = err(&|m| m["max_text_seq_length"] = 20.into());
+    assert!(
+        e.contains("model.max_text_seq_length") && e.contains("20"),
+        "{e}"
+    );
+    let e = err(&|m| m["vae_dri"] = "x".into());
+    assert!(e.contains("vae_dri"), "{e}");
+    let e = err(&|m| m["transformer"]["num_layer"] = 3.into());
+    assert!(e.contains("model.transformer.num_layer"), "{e}");
+    let e = err(&|m| m["transformer"]["text_embed_dim"] = 24.into());
+    assert!(e.contains("text_embed_dim") && e.contains("d_model"), "{e}");
+    let e = err(&|m| m["transformer"]["in_channels"] = 16.into());
+    assert!(
+        e.contains("in_channels") && e.contains("latent_channels 4"),
+        "{e}"
+    );
+    let e = err(&|m| m["caption_dropout"] = 1.5.into());
+    assert!(e.contains("model.caption_dropout"), "{e}");
+    let e = err(&|m| m["vae_dir"] = root.join("nowhere").to_str().unwrap().into());
+    assert!(e.contains("model.vae_dir") && e.contains("nowhere"), "{e}");
+    let e = err(&|m| m["text_encoder"]["vocab_size"] = 10.into());
+    assert!(e.contains("model.text_encoder.vocab_size"), "{e}");
+    let mut cfg = base.clone();
+    cfg.data.buckets[0].width = 48;
+    cfg.model["transformer"]["patch_size"] = 4.into();
+    let e = TextToVideoStage::new(&cfg, &dev).err().unwrap().to_string();
+    assert!(e.contains("data.buckets[0]") && e.contains("32"), "{e}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn init_is_adaln_zero_and_every_var_gets_a_gradient_once_moved() {
+    let root = tmp("init");
+    let vae = root.join("vae");
+    tiny_vae(&vae);
+    let cfg = tiny_config(&vae, &root.join("run"));
+    let dev = Device::Cpu;
+    let stage = TextToVideoStage::new(&cfg, &dev).unwrap();
+    let vars = stage.vars();
+    let get = |n: &str| {
+        vars.iter()
+            .find(|(k, _)| k == n)
+            .unwrap_or_else(|| panic!("no var {n}"))
+            .1
+            .as_tensor()
+            .clone()
+    };
+    for zero in [
+        "transformer.proj_out.weight",
+        "transformer.norm_out.linear.bias",
+        "transformer.transformer_blocks.1.norm2.linear.weight",
+    ] {
+        assert_eq!(
+            get(zero)
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+    }
+    let w = get("transformer.transformer_blocks.0.attn1.to_q.weight");
+    let bound = (6.0f32 / 64.0).sqrt();
+    let m = w
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(m <= bound && m > 0.5 * bound, "{m}");
+    assert!(vars.iter().any(|(k, _)| k == "text_encoder.shared.weight"));
+    // from zero init, gradients reach only proj_out; perturb every var and all of them get one
+    for (_, v) in &vars {
+        let mut rng = step_rng(9, "perturb", v.elem_count() as u64);
+        let noise = crate::objective::randn(v.dims(), &mut rng, &dev).unwrap();
+        v.set(&(v.as_tensor() + (noise * 0.05).unwrap()).unwrap())
+            .unwrap();
+    }
+    let b = &batches_for_step(&cfg.data, 0, 0, 2, 1, 0, &dev).unwrap()[0];
+    let mut rng = step_rng(0, "loss", 0);
+    let out = stage.loss(b, &mut rng).unwrap();
+    let g = out.loss.backward().unwrap();
+    assert_all_vars_get_grads(&vars, &g).unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn latent_cache_is_exact_and_bounded() {
+    let root = tmp("cache");
+    let vae_dir = root.join("vae");
+    tiny_vae(&vae_dir);
+    let dev = Device::Cpu;
+    let cfg = tiny_config(&vae_dir, &root.join("run"));
+    let stage = TextToVideoStage::new(&cfg, &dev).unwrap();
+    let vae = AutoencoderKLCogVideoX::load(&vae_dir, DType::F32, &dev).unwrap();
+    let mut seen = 0;
+    for step in 0..6 {
+        let b = &batches_for_step(&cfg.data, 0, 0, 2, 1, step, &dev).unwrap()[0];
+        let (m, l) = stage.posterior(b).unwrap();
+        let p = vae.encode_plain(&b.pixels).unwrap();
+        assert_eq!(vdit_core::testing::max_abs_diff(&m, &p.mean).unwrap(), 0.0);
+        assert_eq!(
+            vdit_core::testing::max_abs_diff(&l, &p.logvar).unwrap(),
+            0.0
+        );
+        seen += b.clip_indices.len() as u64;
+    }
+    let (n, mb, hits, misses) = stage.cache_stats().unwrap();
+    // 2 clips x 2 buckets at most (a batch may hold a clip twice)
+    assert!(
+        n <= 4 && n as u64 <= misses && hits + misses == seen && hits > 0,
+        "{n} {hits} {misses}"
+    );
+    let bytes: usize = {
+        let c = stage.cache.as_ref().unwrap().lock().unwrap();
+        c.map
+            .values()
+            .map(|(m, l)| 4 * (m.elem_count() + l.elem_count()))
+            .sum()
+    };
+    assert!(bytes > 0);
+    assert_eq!(mb, bytes as f64 / (1 << 20) as f64);
+    // a zero budget keeps nothing, and gives the same latents
+    let mut cfg0 = cfg.clone();
+    cfg0.model["latent_cache_mb"] = 0.into();
+    let stage0 = TextToVideoStage::new(&cfg0, &dev).unwrap();
+    let b = &batches_for_step(&cfg.data, 0, 0, 2, 1, 0, &dev).unwrap()[0];
+    let (x, y) = (
+        stage.latents(b, &mut step_rng(1, "loss", 0)).unwrap(),
+        stage0.latents(b, &mut step_rng(1, "loss", 0)).unwrap(),
+    );
+    assert_eq!(vdit_core::testing::max_abs_diff(&x, &y).unwrap(), 0.0);
+    assert_eq!(stage0.cache_stats().unwrap().0, 0);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// A few training steps lower the loss; the exported folder loads with the pipeline's loaders,
+/// its parts reproduce the training models, and it generates a 2-step 9-frame video with CFG.
+#[test]
+fn trains_exports_and_the_folder_generates() {
+    let root = tmp("train");
+    let vae_dir = root.join("vae");
+    tiny_vae(&vae_dir);
+    let dev = Device::Cpu;
+    let cfg = tiny_config(&vae_dir, &root.join("run"));
+    let stage = TextToVideoStage::new(&cfg, &dev).unwrap();
+    // the loss on fixed batches and draws, before and after training (the per-step losses are
+    // dominated by the random timesteps)
+    let eval = |stage: &TextToVideoStage| -> f64 {
+        let mut total = 0.0;
+        for k in 0..16 {
+            let b = &batches_for_step(&cfg.data, 77, 0, 2, 1, k, &dev).unwrap()[0];
+            let out = stage.loss(b, &mut step_rng(77, "eval", k)).unwrap();
+            total += out.loss.to_scalar::<f32>().unwrap() as f64;
+        }
+        total / 16.0
+    };
+    let before = eval(&stage);
+    train(&cfg, &stage, &dev, false, &mut |_| Control::Continue).unwrap();
+    let log = crate::log::read_log(&crate::trainer::log_path(&cfg)).unwrap();
+    assert_eq!(log.len() as u64, cfg.steps);
+    assert!(log
+        .iter()
+        .all(|r| r.loss.is_finite() && r.grad_norm.is_finite()));
+    let after = eval(&stage);
+    eprintln!("fixed-draw loss {before:.4} -> {after:.4}");
+    assert!(after < 0.8 * before, "loss {before} -> {after}");
+
+    let dir = export_dir(&cfg);
+    let folder = PipelineFolder::open(&dir).unwrap();
+    let gen: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("generation_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(gen["num_inference_steps"], serde_json::json!(25));
+    assert_eq!(folder.class_name, "CogVideoXPipeline");
+    for (c, class) in [
+        ("scheduler", "CogVideoXDDIMScheduler"),
+        ("text_encoder", "T5EncoderModel"),
+        ("tokenizer", "PreTrainedTokenizerFast"),
+        ("transformer", "CogVideoXTransformer3DModel"),
+        ("vae", "AutoencoderKLCogVideoX"),
+    ] {
+        assert_eq!(folder.class_of(c), Some(class));
+    }
+    // diffusers computes shapes with the VAE's temporal ratio: it must be an integer
+    let vcfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("vae/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(vcfg["temporal_compression_ratio"], serde_json::json!(4));
+    let transformer =
+        CogVideoXTransformer3D::load(&folder.component("transformer").unwrap(), DType::F32, &dev)
+            .unwrap();
+    let vae =
+        AutoencoderKLCogVideoX::load(&folder.component("vae").unwrap(), DType::F32, &dev).unwrap();
+    let mut sched = load_scheduler(&folder.component("scheduler").unwrap()).unwrap();
+    let tok = TextTokenizer::load(&folder.component("tokenizer").unwrap()).unwrap();
+    let t5 = T5Encoder::load(&folder.component("text_encoder").unwrap(), DType::F32, &dev).unwrap();
+
+    // the pipeline tokenizes as training did
+    let b = &batches_for_step(&cfg.data, 0, 0, 4, 1, 0, &dev).unwrap()[0];
+    let mut prompts: Vec<&str> = b.captions.iter().map(|s| s.as_str()).collect();
+    prompts.push("");
+    prompts.push("a huge purple WORDS nobody knows, moving moving moving moving moving moving");
+    let ids = stage.tokenize(&prompts).unwrap();
+    let want = tok.encode_padded(&prompts, 16).unwrap();
+    assert_eq!(ids.to_vec2::<u32>().unwrap(), want);
+    // the exported text encoder and transformer compute what the trained ones compute
+    let emb = t5.forward(&ids).unwrap();
+    let emb_train = stage.text_encoder().forward(&ids).unwrap();
+    let d_t5 = vdit_core::testing::max_abs_diff(&emb, &emb_train).unwrap();
+    assert!(d_t5 < 1e-4, "T5 {d_t5}");
+    let x = crate::objective::randn(&[2, 3, 4, 4, 4], &mut step_rng(2, "x", 0), &dev).unwrap();
+    let t = Tensor::new(&[900f32, 20.0], &dev).unwrap();
+    let e2 = emb.narrow(0, 0, 2).unwrap();
+    let got = stage.transformer().forward(&x, &e2, &t, None).unwrap();
+    let want = transformer.forward(&x, &e2, &t, None, None).unwrap();
+    let d_tr = vdit_core::testing::max_abs_diff(&got, &want).unwrap();
+    assert!(d_tr < 1e-4, "transformer {d_tr}");
+
+    // a 2-step, 9-frame generation with classifier-free guidance, as the pipeline runs it
+    let cond = t5
+        .forward(
+            &stage
+                .tokenize(&["a red circle on a black background", ""])
+                .unwrap(),
+        )
+        .unwrap();
+    let cond = Tensor::cat(
+        &[cond.narrow(0, 1, 1).unwrap(), cond.narrow(0, 0, 1).unwrap()],
+        0,
+    )
+    .unwrap(); // [uncond; cond]
+    sched.set_timesteps(2).unwrap();
+    let mut lat =
+        crate::objective::randn(&[1, 3, 4, 4, 4], &mut step_rng(4, "noise", 0), &dev).unwrap();
+    struct NoNoise;
+    impl NoiseSource for NoNoise {
+        fn randn(&mut self, _shape: &[usize], _dev: &Device) -> vdit_core::Result<Tensor> {
+            Err(Error::Msg("DDIM draws no noise".into()))
+        }
+    }
+    for &t in sched.timesteps().to_vec().iter() {
+        let inp = Tensor::cat(&[&lat, &lat], 0).unwrap();
+        let tt = Tensor::new(&[t as f32, t as f32], &dev).unwrap();
+        let out = transformer.forward(&inp, &cond, &tt, None, None).unwrap();
+        let (u, c) = (out.narrow(0, 0, 1).unwrap(), out.narrow(0, 1, 1).unwrap());
+        let guided = (&u + ((c - &u).unwrap() * 6.0).unwrap()).unwrap();
+        lat = sched.step(&guided, t, &lat, &mut NoNoise).unwrap();
+    }
+    let z = (lat.permute((0, 2, 1, 3, 4)).unwrap() / vae.config().scaling_factor).unwrap();
+    let frames = vae.decode(&z).unwrap();
+    assert_eq!(frames.dims(), &[1, 3, 9, 32, 32]);
+    let v = frames.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// The committed config with `vae_dir` replaced by `runs/vae/export` when it exists, else by
+/// a random VAE of configs/vae.toml's architecture written to `tmp`.
+fn committed_config(tmp_dir: &Path) -> TrainConfig {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cfg = TrainConfig::load(&root.join("configs/t2v.toml")).unwrap();
+    let real = root.join("../../runs/vae/export");
+    let vae_dir = if real.join("config.json").is_file() {
+        real
+    } else {
+        let v = TrainConfig::load(&root.join("configs/vae.toml")).unwrap();
+        let vc: AutoencoderKLCogVideoXConfig =
+            serde_json::from_value(v.model["vae"].clone()).unwrap();
+        let vars = SeededVarMap::new(1);
+        AutoencoderKLCogVideoX::new(vc.clone(), vars.var_builder(DType::F32, &Device::Cpu))
+            .unwrap();
+        std::fs::create_dir_all(tmp_dir).unwrap();
+        let w: Vec<(String, Tensor)> = vars
+            .vars()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().detach()))
+            .collect();
+        save_weights(&tmp_dir.join("diffusion_pytorch_model.safetensors"), &w).unwrap();
+        std::fs::write(
+            tmp_dir.join("config.json"),
+            diffusers_config("AutoencoderKLCogVideoX", &vc).unwrap(),
+        )
+        .unwrap();
+        tmp_dir.to_path_buf()
+    };
+    cfg.model["vae_dir"] = vae_dir.to_str().unwrap().into();
+    cfg
+}
+
+/// Time of the parts of a training step of the committed config:
+/// `cargo test --release -p vdit-train bench_t2v_step -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_t2v_step() {
+    let dir = tmp("bench");
+    let mut cfg = committed_config(&dir.join("vae"));
+    if let Some(n) = std::env::var("BENCH_NUM_CLIPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.data.num_clips = Some(n);
+    }
+    let dev = Device::Cpu;
+    let stage = TextToVideoStage::new(&cfg, &dev).unwrap();
+    let n: usize = stage.vars().iter().map(|(_, v)| v.elem_count()).sum();
+    eprintln!("params {n}");
+    let steps: u64 = std::env::var("BENCH_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let mut tot = [0f64; 5];
+    for step in 0..steps {
+        let t0 = std::time::Instant::now();
+        let b = &batches_for_step(&cfg.data, 0, 0, cfg.batch_size, 1, step, &dev).unwrap()[0];
+        let t1 = t0.elapsed().as_secs_f64();
+        let mut rng = step_rng(0, "loss", step);
+        let prompts: Vec<&str> = b.captions.iter().map(|s| s.as_str()).collect();
+        let text = stage
+            .t5
+            .forward(&stage.tokenize(&prompts).unwrap())
+            .unwrap();
+        let t2 = t0.elapsed().as_secs_f64();
+        let x0 = stage.latents(b, &mut rng).unwrap();
+        let t3 = t0.elapsed().as_secs_f64();
+        let nb = sample_noised(&stage.sched, &x0, &mut rng).unwrap();
+        let t: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_vec(t, x0.dim(0).unwrap(), &dev).unwrap();
+        let pred = stage
+            .transformer
+            .forward(&nb.noisy, &text, &t, None)
+            .unwrap();
+        let loss = diffusion_loss(&stage.sched, &pred, &nb, &x0, LossWeighting::Cogvideox).unwrap();
+        let t4 = t0.elapsed().as_secs_f64();
+        let _g = loss.backward().unwrap();
+        let t5 = t0.elapsed().as_secs_f64();
+        let parts = [t1, t2 - t1, t3 - t2, t4 - t3, t5 - t4];
+        for (a, p) in tot.iter_mut().zip(parts) {
+            *a += p;
+        }
+        eprintln!(
+            "{:>10} x{:<2}: render {:5.0} ms, text {:4.0} ms, vae {:5.0} ms, transformer fwd {:5.0} ms, bwd {:5.0} ms, total {:5.0} ms",
+            format!("{}x{}x{}", b.width, b.height, b.frames), b.clip_indices.len(),
+            parts[0] * 1e3, parts[1] * 1e3, parts[2] * 1e3, parts[3] * 1e3, parts[4] * 1e3, t5 * 1e3
+        );
+    }
+    let k = steps as f64;
+    eprintln!(
+        "mean: render {:.0} ms, text {:.0} ms, vae {:.0} ms, fwd {:.0} ms, bwd {:.0} ms, step {:.0} ms",
+        tot[0] / k * 1e3, tot[1] / k * 1e3, tot[2] / k * 1e3, tot[3] / k * 1e3, tot[4] / k * 1e3,
+        tot.iter().sum::<f64>() / k * 1e3
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A few steps of the committed config (random VAE unless runs/vae/export exists), exported to
+/// `$VDIT_T2V_OUT/export`, for checks by hand (diffusers, `vdit generate`):
+/// `VDIT_T2V_OUT=/tmp/t2v cargo test --release -p vdit-train export_committed -- --ignored`.
+#[test]
+#[ignore]
+fn export_committed_config() {
+    let out = PathBuf::from(std::env::var("VDIT_T2V_OUT").expect("set VDIT_T2V_OUT"));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut cfg = committed_config(&out.join("random-vae"));
+    cfg.out_dir = out.clone();
+    if let Some(n) = std::env::var("BENCH_NUM_CLIPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.data.num_clips = Some(n);
+    }
+    cfg.steps = std::env::var("VDIT_T2V_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let dev = Device::Cpu;
+    let stage = TextToVideoStage::new(&cfg, &dev).unwrap();
+    train(&cfg, &stage, &dev, false, &mut |p| {
+        eprintln!(
+            "step {} loss {:.4} ({:.2} s)",
+            p.step, p.record.loss, p.record.seconds
+        );
+        Control::Continue
+    })
+    .unwrap();
+}
+
+/// configs/t2v.toml parses and builds against a VAE of configs/vae.toml's architecture, its
+/// prompt length holds every caption, and the model stays small.
+#[test]
+fn committed_config_builds() {
+    let dir = tmp("committed");
+    let cfg = committed_config(&dir.join("vae"));
+    cfg.validate(Path::new("configs/t2v.toml")).unwrap();
+    let stage = TextToVideoStage::new(&cfg, &Device::Cpu).unwrap();
+    let longest = crate::word_tokenizer::longest_caption_tokens(300).unwrap();
+    assert!(
+        longest <= stage.cfg.transformer.max_text_seq_length,
+        "{longest}"
+    );
+    let count = |prefix: &str| -> usize {
+        stage
+            .vars()
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v.elem_count())
+            .sum()
+    };
+    let (tr, te) = (count("transformer."), count("text_encoder."));
+    // f32 bytes: the shipped folder (with the VAE's ~10 MB) must stay under 25 MB
+    assert!(tr * 4 < 11_000_000 && te * 4 < 2_000_000, "{tr} {te}");
+    assert!(cfg.data.num_clips.is_some() && stage.cache.is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}
