@@ -82,7 +82,9 @@ pub struct EvalVaeArgs {
 fn model_dir(m: &Option<PathBuf>) -> Result<PathBuf> {
     match m.clone().or_else(crate::generate::default_model) {
         Some(m) => Ok(m),
-        None => bail!("no --model given and no default model found (set VDIT_MODEL or pass --model DIR)"),
+        None => bail!(
+            "no --model given and no default model found (set VDIT_MODEL or pass --model DIR)"
+        ),
     }
 }
 
@@ -111,7 +113,9 @@ pub fn run_model(a: EvalModelArgs) -> Result<()> {
         num_frames: a.num_frames,
         height: a.height,
         width: a.width,
-        num_inference_steps: a.num_inference_steps.unwrap_or(defaults.num_inference_steps),
+        num_inference_steps: a
+            .num_inference_steps
+            .unwrap_or(defaults.num_inference_steps),
         guidance_scale: a.guidance_scale.unwrap_or(defaults.guidance_scale),
         use_dynamic_cfg: defaults.use_dynamic_cfg,
         ..Default::default()
@@ -185,7 +189,8 @@ pub fn run_model(a: EvalModelArgs) -> Result<()> {
                     frames: video,
                 };
                 let p = d.join(format!("{id}.mp4"));
-                vdit_video::write_video(&p, &v).with_context(|| format!("writing {}", p.display()))?;
+                vdit_video::write_video(&p, &v)
+                    .with_context(|| format!("writing {}", p.display()))?;
                 records.push(ClipRecord {
                     id,
                     split: Some(split),

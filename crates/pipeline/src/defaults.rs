@@ -49,9 +49,12 @@ impl GenerationDefaults {
             return Ok(Self::default());
         }
         let d: Self = load_config(&path)?;
-        ensure(d.num_inference_steps >= 1, &path, "num_inference_steps", || {
-            format!("must be at least 1, got {}", d.num_inference_steps)
-        })?;
+        ensure(
+            d.num_inference_steps >= 1,
+            &path,
+            "num_inference_steps",
+            || format!("must be at least 1, got {}", d.num_inference_steps),
+        )?;
         ensure(
             d.guidance_scale.is_finite() && d.guidance_scale >= 0.0,
             &path,
@@ -110,7 +113,10 @@ mod tests {
         let d = tmp("bad");
         std::fs::write(d.join(GENERATION_CONFIG), r#"{"num_inference_steps": 0}"#).unwrap();
         let e = GenerationDefaults::load(&d).unwrap_err().to_string();
-        assert!(e.contains("num_inference_steps") && e.contains("at least 1"), "{e}");
+        assert!(
+            e.contains("num_inference_steps") && e.contains("at least 1"),
+            "{e}"
+        );
         std::fs::write(d.join(GENERATION_CONFIG), r#"{"fps": "fast"}"#).unwrap();
         let e = GenerationDefaults::load(&d).unwrap_err().to_string();
         assert!(e.contains("fps") && e.contains(GENERATION_CONFIG), "{e}");

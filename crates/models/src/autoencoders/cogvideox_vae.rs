@@ -322,6 +322,19 @@ impl TileOptions {
         }
     }
 
+    /// Whether diffusers' tiling gives the untiled output size with these tiles: each tile's
+    /// kept extent must equal its step times the compression. With tiles smaller than the
+    /// blend rules assume (tiny sample sizes) it does not (e.g. 64x96 decoding to 70x110).
+    pub fn consistent(&self, spatial_compression: usize, decode: bool) -> bool {
+        let g = self.grid(spatial_compression, decode);
+        let s = spatial_compression;
+        if decode {
+            g.step_h * s == g.limit_h && g.step_w * s == g.limit_w
+        } else {
+            g.step_h == g.limit_h * s && g.step_w == g.limit_w * s
+        }
+    }
+
     fn check(&self, spatial_compression: usize) -> vdit_core::Result<()> {
         let bad = |name: &str, msg: String| Err(vdit_core::Error::invalid(name, msg));
         for (name, f) in [
@@ -1150,6 +1163,7 @@ impl AutoencoderKLCogVideoX {
         let (_, _, _, h, w) = self.check_input(x, self.cfg.in_channels, "encode")?;
         let tile = self.tiling.enabled
             && (w > self.tiling.tile_sample_min_width || h > self.tiling.tile_sample_min_height);
+        let tile = tile && self.tiles_fit(false, h, w);
         self.encode_impl(x, tile)
     }
 
@@ -1166,6 +1180,7 @@ impl AutoencoderKLCogVideoX {
         let (_, _, _, h, w) = self.check_input(z, self.cfg.latent_channels, "decode")?;
         let (lh, lw) = self.tiling.latent_min(self.cfg.spatial_compression());
         let tile = self.tiling.enabled && (w > lw || h > lh);
+        let tile = tile && self.tiles_fit(true, h, w);
         self.decode_impl(z, tile)
     }
 
@@ -1173,6 +1188,25 @@ impl AutoencoderKLCogVideoX {
     pub fn decode_plain(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         self.check_input(z, self.cfg.latent_channels, "decode")?;
         self.decode_impl(z, false)
+    }
+
+    /// False (with a warning) when this VAE's tiles would give a wrongly sized output
+    /// (see [`TileOptions::consistent`]): the input is then processed untiled.
+    fn tiles_fit(&self, decode: bool, h: usize, w: usize) -> bool {
+        let ok = self
+            .tiling
+            .consistent(self.cfg.spatial_compression(), decode);
+        if !ok {
+            tracing::warn!(
+                what = if decode { "decode" } else { "encode" },
+                height = h,
+                width = w,
+                tile_height = self.tiling.tile_sample_min_height,
+                tile_width = self.tiling.tile_sample_min_width,
+                "tiles this small would change the output size (as they do in diffusers); running untiled"
+            );
+        }
+        ok
     }
 
     fn check_input(
@@ -1372,5 +1406,18 @@ mod tests {
             (g.step_h, g.step_w, g.blend_h, g.blend_w, g.limit_h, g.limit_w),
             (25, 36, 40, 72, 200, 288)
         );
+        assert!(t.consistent(8, true) && t.consistent(8, false));
+    }
+
+    #[test]
+    fn tiny_tiles_are_flagged_inconsistent() {
+        // A 3-block VAE with sample size 64: 32 px tiles keep 27 px rows but step 24 px, so
+        // diffusers' tiled output would have the wrong size; vdit then runs untiled.
+        let mut cfg = AutoencoderKLCogVideoXConfig::tiny();
+        cfg.block_out_channels = vec![8, 8, 8];
+        cfg.sample_height = 64;
+        cfg.sample_width = 64;
+        let t = TileOptions::for_config(&cfg);
+        assert!(!t.consistent(cfg.spatial_compression(), true));
     }
 }
