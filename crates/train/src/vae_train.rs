@@ -160,23 +160,13 @@ impl Geo {
         self.c * self.rt * self.rh * self.rw
     }
 
-    fn k(&self) -> usize {
-        self.c * self.kt * self.kh * self.kw
-    }
-
-    /// Input frame read by output frame `t` at temporal tap `dt`.
+    /// Input frame (virtual, before the upsampling map) read by output frame `t` at tap `dt`.
     fn in_frame(&self, t: usize, dt: usize) -> usize {
         if self.causal {
             (t + dt).saturating_sub(self.kt - 1)
         } else {
             t + dt
         }
-    }
-
-    /// Output frames per column block.
-    fn frames_per_block(&self) -> usize {
-        let per = self.k() * self.ho * self.wo;
-        (COL_BLOCK / per.max(1)).clamp(1, self.to)
     }
 
     /// `(lo, hi)`: the output columns `ox` whose input column `ox·s + dx − pl` is inside.
@@ -190,32 +180,141 @@ impl Geo {
         };
         (lo, hi.max(lo))
     }
+
+    /// The output frames in GEMM blocks. Temporal taps of one output frame that read the same
+    /// real input frame (the replicated first frame of a causal conv, or frames repeated by a
+    /// temporal upsampling map) are merged: the conv reads that frame once with the sum of
+    /// those taps' weights. A 1-frame image through a causal 3x3x3 conv is then a 3x3 conv,
+    /// a third of the work. Frames with the same merge pattern share a block.
+    fn blocks(&self, up: Option<&UpMaps>) -> Vec<TapBlock> {
+        let mut by_pattern: Vec<(Vec<Vec<usize>>, Vec<(usize, Vec<usize>)>)> = Vec::new();
+        for t in 0..self.to {
+            let real: Vec<usize> = (0..self.kt)
+                .map(|dt| {
+                    let v = self.in_frame(t, dt);
+                    up.map_or(v, |m| m.t[v])
+                })
+                .collect();
+            // groups of taps reading one frame, in order of first appearance
+            let mut groups: Vec<Vec<usize>> = Vec::new();
+            let mut frames: Vec<usize> = Vec::new();
+            for (dt, &f) in real.iter().enumerate() {
+                match frames.iter().position(|&g| g == f) {
+                    Some(j) => groups[j].push(dt),
+                    None => {
+                        frames.push(f);
+                        groups.push(vec![dt]);
+                    }
+                }
+            }
+            match by_pattern.iter_mut().find(|(p, _)| *p == groups) {
+                Some((_, v)) => v.push((t, frames)),
+                None => by_pattern.push((groups, vec![(t, frames)])),
+            }
+        }
+        let mut out = Vec::new();
+        for (groups, frames) in by_pattern {
+            let k = self.c * groups.len() * self.kh * self.kw;
+            let per = (COL_BLOCK / (k * self.ho * self.wo).max(1)).max(1);
+            for chunk in frames.chunks(per) {
+                out.push(TapBlock {
+                    groups: groups.clone(),
+                    out_frames: chunk.iter().map(|(t, _)| *t).collect(),
+                    in_frames: chunk.iter().map(|(_, f)| f.clone()).collect(),
+                });
+            }
+        }
+        out
+    }
 }
 
-/// Fills `col` `[K, nt·H'·W']` with the taps of output frames `t0..t0+nt` of one sample `x`
-/// `[C, T, H, W]` (read through the upsampling maps `up` when given).
-fn im2col<T: WithDType>(
-    x: &[T],
-    g: &Geo,
-    up: Option<&UpMaps>,
-    t0: usize,
-    nt: usize,
-    col: &mut [T],
-) {
+/// Output frames computed by one GEMM, with their merged temporal taps.
+#[derive(Debug, Clone)]
+struct TapBlock {
+    /// Effective tap j = the sum of the weight's taps `groups[j]`.
+    groups: Vec<Vec<usize>>,
+    /// Output frames of the block, in column order.
+    out_frames: Vec<usize>,
+    /// Real input frame read by effective tap j of each output frame.
+    in_frames: Vec<Vec<usize>>,
+}
+
+impl TapBlock {
+    fn taps(&self) -> usize {
+        self.groups.len()
+    }
+
+    fn merged(&self) -> bool {
+        self.groups.iter().any(|g| g.len() > 1)
+    }
+
+    /// The merged weight `[O, C·u·kh·kw]` from `w` `[O, C·kt·kh·kw]` (None if nothing merges).
+    fn weight<T: WithDType>(&self, w: &[T], g: &Geo) -> Option<Vec<T>> {
+        if !self.merged() {
+            return None;
+        }
+        let (u, hw) = (self.taps(), g.kh * g.kw);
+        let mut out = vec![T::from_f64(0.0); g.o * g.c * u * hw];
+        for o in 0..g.o {
+            for c in 0..g.c {
+                for (j, taps) in self.groups.iter().enumerate() {
+                    let dst = &mut out[((o * g.c + c) * u + j) * hw..][..hw];
+                    for &dt in taps {
+                        let src = &w[((o * g.c + c) * g.kt + dt) * hw..][..hw];
+                        for (d, &s) in dst.iter_mut().zip(src) {
+                            *d += s;
+                        }
+                    }
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// Adds the merged weight's gradient `dwt` `[C·u·kh·kw, O]` to every tap it stands for in
+    /// `dw` `[O, C·kt·kh·kw]`.
+    fn add_weight_grad<T: WithDType>(&self, dwt: &[T], g: &Geo, dw: &mut [T]) {
+        let (u, hw) = (self.taps(), g.kh * g.kw);
+        for c in 0..g.c {
+            for (j, taps) in self.groups.iter().enumerate() {
+                for p in 0..hw {
+                    let row = &dwt[(((c * u + j) * hw) + p) * g.o..][..g.o];
+                    for &dt in taps {
+                        let col = (c * g.kt + dt) * hw + p;
+                        for (o, &v) in row.iter().enumerate() {
+                            dw[o * g.k_full() + col] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Geo {
+    fn k_full(&self) -> usize {
+        self.c * self.kt * self.kh * self.kw
+    }
+}
+
+/// Fills `col` `[C·u·kh·kw, nt·H'·W']` with the taps of the block's output frames of one
+/// sample `x` `[C, T, H, W]` (rows and columns read through the upsampling maps `up`).
+fn im2col<T: WithDType>(x: &[T], g: &Geo, up: Option<&UpMaps>, blk: &TapBlock, col: &mut [T]) {
     let (h, ho, wo, s) = (g.h, g.ho, g.wo, g.s);
     let howo = ho * wo;
+    let nt = blk.out_frames.len();
+    let u = blk.taps();
     let zero = T::from_f64(0.0);
     col.par_chunks_mut(nt * howo)
         .enumerate()
         .for_each(|(k, row)| {
             let dx = k % g.kw;
             let dy = (k / g.kw) % g.kh;
-            let dt = (k / (g.kw * g.kh)) % g.kt;
-            let c = k / (g.kw * g.kh * g.kt);
+            let j = (k / (g.kw * g.kh)) % u;
+            let c = k / (g.kw * g.kh * u);
             let (lo, hi) = g.valid_x(dx);
-            for gi in 0..nt {
-                let tv = g.in_frame(t0 + gi, dt);
-                let tin = up.map_or(tv, |m| m.t[tv]);
+            for (gi, frames) in blk.in_frames.iter().enumerate() {
+                let tin = frames[j];
                 let plane = &x[(c * g.rt + tin) * g.rh * g.rw..][..g.rh * g.rw];
                 let out = &mut row[gi * howo..][..howo];
                 for oy in 0..ho {
@@ -250,32 +349,24 @@ fn im2col<T: WithDType>(
         });
 }
 
-/// Adds the column gradients `dcol` `[K, nt·H'·W']` of output frames `t0..t0+nt` into the
-/// input gradient `dx` `[C, T, H, W]` of one sample (the adjoint of [`im2col`]).
-fn col2im<T: WithDType>(
-    dcol: &[T],
-    g: &Geo,
-    up: Option<&UpMaps>,
-    t0: usize,
-    nt: usize,
-    dx: &mut [T],
-) {
+/// Adds the column gradients `dcol` `[C·u·kh·kw, nt·H'·W']` of the block's output frames into
+/// the input gradient `dx` `[C, T, H, W]` of one sample (the adjoint of [`im2col`]).
+fn col2im<T: WithDType>(dcol: &[T], g: &Geo, up: Option<&UpMaps>, blk: &TapBlock, dx: &mut [T]) {
     let (h, ho, wo, s) = (g.h, g.ho, g.wo, g.s);
     let howo = ho * wo;
-    let n = nt * howo;
-    let taps = g.kt * g.kh * g.kw;
+    let n = blk.out_frames.len() * howo;
+    let taps = blk.taps() * g.kh * g.kw;
     dx.par_chunks_mut(g.rt * g.rh * g.rw)
         .enumerate()
         .for_each(|(c, dxc)| {
             for tap in 0..taps {
                 let dxx = tap % g.kw;
                 let dy = (tap / g.kw) % g.kh;
-                let dt = tap / (g.kw * g.kh);
+                let j = tap / (g.kw * g.kh);
                 let (lo, hi) = g.valid_x(dxx);
                 let row = &dcol[(c * taps + tap) * n..][..n];
-                for gi in 0..nt {
-                    let tv = g.in_frame(t0 + gi, dt);
-                    let tin = up.map_or(tv, |m| m.t[tv]);
+                for (gi, frames) in blk.in_frames.iter().enumerate() {
+                    let tin = frames[j];
                     let plane = &mut dxc[tin * g.rh * g.rw..][..g.rh * g.rw];
                     let src = &row[gi * howo..][..howo];
                     for oy in 0..ho {
@@ -330,32 +421,45 @@ fn slice_of<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> 
     Ok(&s.as_slice::<T>()?[a..b])
 }
 
+/// `Wᵀ` `[K, O]` of a block: the stored weight, or the block's merged taps.
+fn block_weight_t<T: WithDType>(w: &[T], g: &Geo, blk: &TapBlock) -> Result<Tensor> {
+    let k = g.c * blk.taps() * g.kh * g.kw;
+    match blk.weight(w, g) {
+        Some(m) => Tensor::from_vec(m, (g.o, k), &Device::Cpu)?.t(),
+        None => Tensor::from_slice(w, (g.o, k), &Device::Cpu)?.t(),
+    }
+}
+
 impl Conv3dOp {
     fn fwd<T: WithDType>(&self, x: &[T], w: &[T], b: &[T], g: &Geo) -> Result<Vec<T>> {
-        let (k, howo, o) = (g.k(), g.ho * g.wo, g.o);
-        // [O, K] -> Wᵀ [K, O] (a strided view)
-        let wt = Tensor::from_slice(w, (o, k), &Device::Cpu)?.t()?;
+        let (howo, o) = (g.ho * g.wo, g.o);
         let mut out = vec![T::from_f64(0.0); g.b * o * g.to * howo];
-        let fb = g.frames_per_block();
+        let blocks = g.blocks(self.up.as_deref());
+        let weights = blocks
+            .iter()
+            .map(|blk| block_weight_t(w, g, blk))
+            .collect::<Result<Vec<_>>>()?;
         for n in 0..g.b {
             let xs = &x[n * g.xlen()..][..g.xlen()];
             let ys = &mut out[n * o * g.to * howo..][..o * g.to * howo];
-            for t0 in (0..g.to).step_by(fb) {
-                let nt = fb.min(g.to - t0);
-                let nb = nt * howo;
+            for (blk, wt) in blocks.iter().zip(&weights) {
+                let k = wt.dim(0)?;
+                let nb = blk.out_frames.len() * howo;
                 let mut col = vec![T::from_f64(0.0); k * nb];
-                im2col(xs, g, self.up.as_deref(), t0, nt, &mut col);
+                im2col(xs, g, self.up.as_deref(), blk, &mut col);
                 let colm = Tensor::from_vec(col, (k, nb), &Device::Cpu)?;
                 // colᵀ·Wᵀ: the pixels are the GEMM's long M side.
-                let y = colm.t()?.matmul(&wt)?; // [nb, O]
+                let y = colm.t()?.matmul(wt)?; // [nb, O]
                 with_data::<T, _>(&y, |yv| {
                     ys.par_chunks_mut(g.to * howo)
                         .zip(b.par_iter())
                         .enumerate()
                         .for_each(|(oc, (dst, &bias))| {
-                            let dst = &mut dst[t0 * howo..(t0 + nt) * howo];
-                            for (j, d) in dst.iter_mut().enumerate() {
-                                *d = yv[j * o + oc] + bias;
+                            for (gi, &t) in blk.out_frames.iter().enumerate() {
+                                let dst = &mut dst[t * howo..(t + 1) * howo];
+                                for (j, d) in dst.iter_mut().enumerate() {
+                                    *d = yv[(gi * howo + j) * o + oc] + bias;
+                                }
                             }
                         });
                     Ok(())
@@ -376,17 +480,20 @@ impl Conv3dOp {
         g: &Geo,
         need_dx: bool,
     ) -> Result<(Option<Vec<T>>, Vec<T>, Vec<T>)> {
-        let (k, howo) = (g.k(), g.ho * g.wo);
+        let howo = g.ho * g.wo;
         let zero = T::from_f64(0.0);
-        let wt = Tensor::from_slice(w, (g.o, k), &Device::Cpu)?.t()?; // [K, O]
         let mut dx = if need_dx {
             Some(vec![zero; g.b * g.xlen()])
         } else {
             None
         };
-        let mut dw: Option<Tensor> = None;
+        let mut dw = vec![zero; g.o * g.k_full()];
         let mut db = vec![zero; g.o];
-        let fb = g.frames_per_block();
+        let blocks = g.blocks(self.up.as_deref());
+        let weights = blocks
+            .iter()
+            .map(|blk| block_weight_t(w, g, blk))
+            .collect::<Result<Vec<_>>>()?;
         for n in 0..g.b {
             let xs = &x[n * g.xlen()..][..g.xlen()];
             let gs = &gr[n * g.o * g.to * howo..][..g.o * g.to * howo];
@@ -397,31 +504,55 @@ impl Conv3dOp {
                 }
                 db[o] += acc;
             }
-            for t0 in (0..g.to).step_by(fb) {
-                let nt = fb.min(g.to - t0);
-                // G block [O, nt·H'·W'], a strided view of `grad` [B, O, T'·H'·W']
-                let gm = grad.get(n)?.narrow(1, t0 * howo, nt * howo)?;
-                let mut col = vec![zero; k * nt * howo];
-                im2col(xs, g, self.up.as_deref(), t0, nt, &mut col);
-                let colm = Tensor::from_vec(col, (k, nt * howo), &Device::Cpu)?;
+            let gn = grad.get(n)?; // [O, T'·H'·W']
+            for (blk, wt) in blocks.iter().zip(&weights) {
+                let k = wt.dim(0)?;
+                let nb = blk.out_frames.len() * howo;
+                // G block [O, nt·H'·W']: the block's frames, in column order
+                let first = blk.out_frames[0];
+                let consecutive = blk
+                    .out_frames
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &t)| t == first + i);
+                let gm = if consecutive {
+                    gn.narrow(1, first * howo, nb)?
+                } else {
+                    let parts = blk
+                        .out_frames
+                        .iter()
+                        .map(|&t| gn.narrow(1, t * howo, howo))
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::cat(&parts, 1)?
+                };
+                let mut col = vec![zero; k * nb];
+                im2col(xs, g, self.up.as_deref(), blk, &mut col);
+                let colm = Tensor::from_vec(col, (k, nb), &Device::Cpu)?;
                 let dwb = colm.matmul(&gm.t()?)?; // dWᵀ [K, O]
                 drop(colm);
-                dw = Some(match dw {
-                    Some(a) => (a + dwb)?,
-                    None => dwb,
-                });
+                with_data::<T, _>(&dwb, |v| {
+                    if blk.merged() {
+                        blk.add_weight_grad(v, g, &mut dw);
+                    } else {
+                        // [K, O] -> add transposed into [O, K]
+                        for (kk, row) in v.chunks(g.o).enumerate() {
+                            for (o, &val) in row.iter().enumerate() {
+                                dw[o * k + kk] += val;
+                            }
+                        }
+                    }
+                    Ok(())
+                })?;
                 if let Some(dx) = dx.as_mut() {
                     let dcol = wt.matmul(&gm)?; // [K, nt·H'·W']
                     let dxs = &mut dx[n * g.xlen()..][..g.xlen()];
                     with_data::<T, _>(&dcol, |dc| {
-                        col2im(dc, g, self.up.as_deref(), t0, nt, dxs);
+                        col2im(dc, g, self.up.as_deref(), blk, dxs);
                         Ok(())
                     })?;
                 }
             }
         }
-        let dw = dw.expect("at least one block").t()?; // [K, O] -> [O, K]
-        let dw = with_data::<T, _>(&dw, |v| Ok(v.to_vec()))?;
         Ok((dx, dw, db))
     }
 }
@@ -1865,6 +1996,42 @@ mod tests {
         .unwrap();
         eprintln!(
             "conv with upsampling maps: max |autograd - fd| {:.2e}",
+            r.max_abs_err
+        );
+        // A causal 3-tap conv over a time-upsampled input: taps reading one repeated frame
+        // merge (alternating patterns), and the first frames merge through the padding.
+        let x = rnd(&[1, 2, 3, 3, 3], 83).to_dtype(DType::F64).unwrap();
+        let w = rnd(&[2, 2, 3, 3, 3], 84).to_dtype(DType::F64).unwrap();
+        let b = rnd(&[2], 85).to_dtype(DType::F64).unwrap();
+        let op = Conv3dOp {
+            causal: true,
+            stride: 1,
+            pad: [1, 1, 1, 1],
+            up: Some(std::sync::Arc::new(UpMaps {
+                t: tmap.clone(),
+                h: (0..3).collect(),
+                w: (0..3).collect(),
+            })),
+        };
+        let plain = Conv3dOp {
+            up: None,
+            ..op.clone()
+        };
+        let xu = select(&x, &tmap, 2).unwrap();
+        let d = max_diff(
+            &conv3d(&x, &w, &b, op.clone()).unwrap(),
+            &reference(&xu, &w, &b, plain),
+        );
+        assert!(d < 1e-12, "merged taps: {d}");
+        let r = check_grad(
+            |v| conv3d(&v[0], &v[1], &v[2], op.clone()),
+            &[x, w, b],
+            1e-5,
+            1e-6,
+        )
+        .unwrap();
+        eprintln!(
+            "conv with merged taps: max |autograd - fd| {:.2e}",
             r.max_abs_err
         );
     }
