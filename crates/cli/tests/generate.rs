@@ -3,75 +3,34 @@
 //! (0.01 after 8-bit PNG quantisation), writes an MP4 that ffprobe reads correctly, and rejects
 //! malformed folders and bad flags with a clear message and a non-zero exit.
 
+mod common;
+
 use candle_core::{Device, Tensor};
-use std::path::{Path, PathBuf};
+use common::{run_err, run_ok, tmpdir, vdit, Fixture, EMBEDS};
+use std::path::Path;
 use std::process::Command;
 use vdit_core::testing::{assert_close, fixture_dir, load_tensors};
 
-fn vdit() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vdit"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vdit-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// Writes the fixture's inputs as one-tensor safetensors files and returns the common arguments.
 fn fixture_args(dir: &Path) -> Vec<String> {
-    let case = fixture_dir("pipeline_2b_like");
-    let inputs = load_tensors(&case.join("inputs.safetensors")).unwrap();
-    let mut args = vec![
-        "generate".to_string(),
-        "--model".into(),
-        case.join("pipeline").display().to_string(),
-    ];
-    for (flag, key) in [
-        ("--prompt-embeds", "prompt_embeds"),
-        ("--negative-prompt-embeds", "negative_prompt_embeds"),
-        ("--latents", "latents"),
-    ] {
-        let p = dir.join(format!("{key}.safetensors"));
-        inputs[key].save_safetensors(key, &p).unwrap();
-        args.push(flag.into());
-        args.push(p.display().to_string());
-    }
-    for a in [
-        "--num-frames",
-        "9",
-        "--height",
-        "32",
-        "--width",
-        "48",
-        "--num-inference-steps",
-        "2",
-        "--guidance-scale",
-        "6",
-        "--quiet",
-    ] {
-        args.push(a.into());
-    }
-    args
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "vdit failed: {err}");
-    err
-}
-
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !out.status.success(),
-        "expected failure, got success: {err}"
-    );
-    assert!(!err.contains("panicked"), "must not panic: {err}");
-    err
+    let tensors = [EMBEDS[0], EMBEDS[1], ("--latents", "latents")];
+    Fixture::load("pipeline_2b_like").generate_args(
+        dir,
+        &tensors,
+        &[
+            "--num-frames",
+            "9",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--num-inference-steps",
+            "2",
+            "--guidance-scale",
+            "6",
+            "--quiet",
+        ],
+    )
 }
 
 #[test]

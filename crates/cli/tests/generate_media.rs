@@ -4,44 +4,18 @@
 //! another size with a note, keeps an extended clip's frames, and rejects bad input with a
 //! message naming the flag or the file.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{run_err, run_ok, tmpdir, vdit, Fixture, EMBEDS};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use vdit_core::testing::{assert_close, fixture_dir, load_tensors};
+use vdit_core::testing::{assert_close, load_tensors};
 use vdit_pipeline::{
     CogVideoXPipeline, GenerateRequest, ImageToVideoRequest, OutputKind, PromptInput,
     VideoToVideoRequest,
 };
-
-fn vdit() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vdit"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vdit-cli-media-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "vdit failed: {err}");
-    err
-}
-
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !out.status.success(),
-        "expected failure, got success: {err}"
-    );
-    assert!(!err.contains("panicked"), "must not panic: {err}");
-    err
-}
 
 /// `[.., H, W, 3]` bytes stored as f32 in a fixture -> RGB8 frames.
 fn rgb8_frames(u8s: &Tensor) -> Vec<Vec<u8>> {
@@ -78,31 +52,17 @@ struct Setup {
 }
 
 fn setup(case: &str, dir: &Path, steps: usize) -> Setup {
-    let case = fixture_dir(case);
-    let inputs = load_tensors(&case.join("inputs.safetensors")).unwrap();
-    let mut args = vec![
-        "generate".to_string(),
-        "--model".into(),
-        case.join("pipeline").display().to_string(),
+    let fixture = Fixture::load(case);
+    let steps = steps.to_string();
+    let rest = [
+        "--num-inference-steps",
+        &steps,
+        "--guidance-scale",
+        "6",
+        "--quiet",
     ];
-    for (flag, key) in [
-        ("--prompt-embeds", "prompt_embeds"),
-        ("--negative-prompt-embeds", "negative_prompt_embeds"),
-    ] {
-        let p = dir.join(format!("{key}.safetensors"));
-        inputs[key].save_safetensors(key, &p).unwrap();
-        args.push(flag.into());
-        args.push(p.display().to_string());
-    }
-    for a in [
-        "--num-inference-steps".to_string(),
-        steps.to_string(),
-        "--guidance-scale".into(),
-        "6".into(),
-        "--quiet".into(),
-    ] {
-        args.push(a);
-    }
+    let args = fixture.generate_args(dir, &EMBEDS, &rest);
+    let Fixture { case, inputs } = fixture;
     Setup { case, inputs, args }
 }
 

@@ -52,8 +52,9 @@ use std::ops::{ControlFlow, Range};
 use vdit_core::rng::NoiseRng;
 use vdit_core::{Error, Result};
 
-use crate::image_to_video::check_unit_range;
-use crate::text_to_video::{default_scheduler_noise, notify, Denoise};
+use crate::common::{
+    check_asked_sizes, check_unit_range, notify, take_scheduler_noise, with_batch_axis, Denoise,
+};
 use crate::{CogVideoXPipeline, Event, GenerateRequest};
 
 /// Which end of the clip grows.
@@ -153,16 +154,7 @@ impl CogVideoXPipeline {
             num_frames: added,
             context_latents,
         } = req;
-        let video = match video.rank() {
-            4 => video.unsqueeze(0)?,
-            5 => video,
-            _ => {
-                return Err(Error::invalid(
-                    "video",
-                    format!("expected shape [1, F, 3, H, W], found {:?}", video.dims()),
-                ))
-            }
-        };
+        let video = with_batch_axis(video, 5, "video", "[1, F, 3, H, W]")?;
         let (vb, vf, vc, vh, vw) = video.dims5()?;
         if vb != 1 || vc != 3 || vf == 0 {
             return Err(Error::invalid(
@@ -173,14 +165,11 @@ impl CogVideoXPipeline {
                 ),
             ));
         }
-        for (name, asked, found) in [("height", req.height, vh), ("width", req.width, vw)] {
-            if let Some(a) = asked.filter(|&a| a != found) {
-                return Err(Error::invalid(
-                    name,
-                    format!("{a} was asked but the clip has {found} (resize the clip first)"),
-                ));
-            }
-        }
+        check_asked_sizes(
+            &[("height", req.height, vh), ("width", req.width, vw)],
+            "the clip",
+            "resize the clip first",
+        )?;
         if req.latents.is_some() {
             return Err(Error::invalid(
                 "latents",
@@ -205,39 +194,27 @@ impl CogVideoXPipeline {
             context_frames = plan.ctx_frames,
             "extend"
         );
-        notify(observer(Event::Started {
-            num_frames: vf + added,
-            height,
-            width,
-            steps: steps * windows,
-        }))?;
-        let cond = self.prepare_text(&mut req)?;
-        if cond.batch != 1 {
-            return Err(Error::invalid(
+        let one_prompt = |batch| {
+            if batch == 1 {
+                return Ok(());
+            }
+            Err(Error::invalid(
                 "prompt_embeds",
-                format!(
-                    "extension takes one prompt, found a batch of {}",
-                    cond.batch
-                ),
-            ));
-        }
-        notify(observer(Event::TextEncoded))?;
+                format!("extension takes one prompt, found a batch of {batch}"),
+            ))
+        };
+        let size = (vf + added, height, width);
+        let cond = self.encode_prompts(&mut req, size, steps * windows, one_prompt, observer)?;
 
         let s = self.vae_scale_spatial();
         let lc = self.vae.config().latent_channels;
         let sf = self.vae.config().scaling_factor;
         let total = plan.pad + plan.w;
         let rope = self.rope_tables(height, width, total)?;
-        let ofs = match self.transformer.config().ofs_embed_dim {
-            Some(_) => Some(Tensor::new(&[2.0f32], self.device())?),
-            None => None,
-        };
+        let ofs = self.ofs_input()?;
         let mut init_rng = NoiseRng::new(req.seed);
         let mut eps_rng = NoiseRng::new(req.seed.wrapping_add(2));
-        let mut noise = req
-            .scheduler_noise
-            .take()
-            .unwrap_or_else(|| default_scheduler_noise(req.seed));
+        let mut noise = take_scheduler_noise(&mut req);
 
         let mut clip = video;
         let mut chunks = Vec::with_capacity(windows);
@@ -291,8 +268,7 @@ impl CogVideoXPipeline {
                 None
             };
 
-            self.scheduler.set_timesteps(steps)?;
-            let timesteps = self.scheduler.timesteps().to_vec();
+            let timesteps = self.schedule(steps)?;
             let shape = (1, total, lc, height / s, width / s);
             let latents =
                 (init_rng.randn(shape, self.device())? * self.scheduler.init_noise_sigma())?;
@@ -303,27 +279,14 @@ impl CogVideoXPipeline {
                 let noised = forward_noise(&table, &known_latents, &eps, t)?;
                 splice(&x, known.start, &noised)
             };
-            let latents = {
-                self.denoise(
-                    latents,
-                    Denoise {
-                        text: &cond.text,
-                        batch: 1,
-                        guidance_scale: req.guidance_scale,
-                        use_dynamic_cfg: req.use_dynamic_cfg,
-                        dynamic_cfg_steps: steps,
-                        timesteps: &timesteps,
-                        rope: rope.as_ref(),
-                        image_latents: image_latents.as_ref(),
-                        ofs: ofs.as_ref(),
-                        noise: noise.as_mut(),
-                        step_offset: wi * steps,
-                        step_total: windows * steps,
-                    },
-                    &mut prepare,
-                    observer,
-                )?
+            let denoise = Denoise {
+                image_latents: image_latents.as_ref(),
+                ofs: ofs.as_ref(),
+                step_offset: wi * steps,
+                step_total: windows * steps,
+                ..Denoise::new(&req, &cond, &timesteps, rope.as_ref(), noise.as_mut())
             };
+            let latents = self.denoise(latents, denoise, &mut prepare, observer)?;
             // The known frames end exactly at their clean latents.
             let latents = splice(&latents, known.start, &known_latents)?;
             notify(observer(Event::Decoding))?;

@@ -35,8 +35,8 @@ use std::ops::ControlFlow;
 use vdit_core::rng::NoiseRng;
 use vdit_core::{Error, Result};
 
-use crate::text_to_video::{default_scheduler_noise, notify, Denoise};
-use crate::{CogVideoXPipeline, Event, GenerateOutput, GenerateRequest, OutputKind};
+use crate::common::{check_unit_range, posterior_sample, with_batch_axis};
+use crate::{CogVideoXPipeline, Event, GenerateOutput, GenerateRequest};
 
 /// One image-to-video generation: a [`GenerateRequest`] plus the image.
 pub struct ImageToVideoRequest {
@@ -98,17 +98,7 @@ impl CogVideoXPipeline {
     ) -> Result<Tensor> {
         // [B, 3, H, W] -> [B, 1, 3, H, W]
         let post = self.encode_frames(&image.unsqueeze(1)?)?;
-        if noise.dims() != post.mean.dims() {
-            return Err(Error::invalid(
-                "image_noise",
-                format!(
-                    "expected shape {:?} [B, C, 1, h, w], found {:?}",
-                    post.mean.dims(),
-                    noise.dims()
-                ),
-            ));
-        }
-        let z = post.sample(&noise.to_device(self.device())?.to_dtype(DType::F32)?)?;
+        let z = posterior_sample(&post, noise, "image_noise", "[B, C, 1, h, w]")?;
         self.image_latents_from_posterior_sample(&z, latent_frames)
     }
 
@@ -151,59 +141,32 @@ impl CogVideoXPipeline {
         req: ImageToVideoRequest,
         observer: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
     ) -> Result<GenerateOutput> {
+        self.check_image_to_video()?;
         let ImageToVideoRequest {
-            request: mut req,
+            request: req,
             image,
             image_noise,
             image_noise_sigma,
         } = req;
-        self.check_image_to_video()?;
-        let (num_frames, height, width) = self.resolve_size(&req)?;
-        let image = self.check_image(&image, height, width)?;
+        let size = self.resolve_size(&req)?;
+        let (_, height, width) = size;
+        let image = self.check_image(image, height, width)?;
         let steps = req.num_inference_steps;
-        notify(observer(Event::Started {
-            num_frames,
-            height,
-            width,
-            steps,
-        }))?;
-
-        let cond = self.prepare_text(&mut req)?;
-        if image.dim(0)? != cond.batch {
-            return Err(Error::invalid(
+        let one_image_per_prompt = |batch| match image.dim(0)? {
+            n if n == batch => Ok(()),
+            n => Err(Error::invalid(
                 "image",
-                format!(
-                    "{} images for {} prompts; give one image per prompt",
-                    image.dim(0)?,
-                    cond.batch
-                ),
-            ));
-        }
-        notify(observer(Event::TextEncoded))?;
-
-        self.scheduler.set_timesteps(steps)?;
-        let timesteps = self.scheduler.timesteps().to_vec();
+                format!("{n} images for {batch} prompts; give one image per prompt"),
+            )),
+        };
+        let mut run = self.begin(req, size, steps, one_image_per_prompt, observer)?;
+        let timesteps = self.schedule(steps)?;
 
         // Latents: [B, F_lat (padded for 1.5), C, h, w], C = in_channels / 2.
-        let (latent_frames, additional_frames) = self.latent_frames(num_frames);
-        let s = self.vae_scale_spatial();
-        let c = self.vae.config().latent_channels;
-        let shape = [cond.batch, latent_frames, c, height / s, width / s];
-        let latents = match req.latents.take() {
-            Some(l) => self.check_latents(
-                l,
-                shape,
-                &format!("{num_frames} frames at {height}x{width}"),
-            )?,
-            None => NoiseRng::new(req.seed).randn(shape.to_vec(), self.device())?,
-        };
-        let latents = (latents * self.scheduler.init_noise_sigma())?;
-        let mut noise = req
-            .scheduler_noise
-            .take()
-            .unwrap_or_else(|| default_scheduler_noise(req.seed));
+        let latents = self.initial_latents(&mut run)?;
 
         // The image: optional pixel augmentation, then the posterior sample.
+        let seed = run.req.seed;
         let image = match image_noise_sigma {
             None => image,
             Some(sigma) => {
@@ -214,78 +177,28 @@ impl CogVideoXPipeline {
                     ));
                 }
                 // in [-1, 1] units: x' = x + sigma * n  <=>  (x01' = x01 + sigma/2 * n)
-                let n =
-                    NoiseRng::new(req.seed.wrapping_add(3)).randn(image.dims(), self.device())?;
+                let n = NoiseRng::new(seed.wrapping_add(3)).randn(image.dims(), self.device())?;
                 (&image + (n * (sigma / 2.0))?)?
             }
         };
-        let post_shape = [cond.batch, c, 1, height / s, width / s];
+        let s = self.vae_scale_spatial();
+        let c = self.vae.config().latent_channels;
+        let post_shape = [run.cond.batch, c, 1, height / s, width / s];
         let image_noise = match image_noise {
             Some(n) => n,
             None => {
-                NoiseRng::new(req.seed.wrapping_add(2)).randn(post_shape.to_vec(), self.device())?
+                NoiseRng::new(seed.wrapping_add(2)).randn(post_shape.to_vec(), self.device())?
             }
         };
-        let image_latents = self.image_latents(&image, &image_noise, latent_frames)?;
-
-        let rope = self.rope_tables(height, width, latent_frames)?;
-        let ofs = match self.transformer.config().ofs_embed_dim {
-            Some(_) => Some(Tensor::new(&[2.0f32], self.device())?),
-            None => None,
-        };
-        let latents = self.denoise(
-            latents,
-            Denoise {
-                text: &cond.text,
-                batch: cond.batch,
-                guidance_scale: req.guidance_scale,
-                use_dynamic_cfg: req.use_dynamic_cfg,
-                dynamic_cfg_steps: steps,
-                timesteps: &timesteps,
-                rope: rope.as_ref(),
-                image_latents: Some(&image_latents),
-                ofs: ofs.as_ref(),
-                noise: noise.as_mut(),
-                step_offset: 0,
-                step_total: timesteps.len(),
-            },
-            &mut |_, _, x| Ok(x),
-            observer,
-        )?;
-
-        let frames = match req.output {
-            OutputKind::Latent => None,
-            OutputKind::Frames => {
-                notify(observer(Event::Decoding))?;
-                Some(self.decode_latents(&latents.narrow(
-                    1,
-                    additional_frames,
-                    latent_frames - additional_frames,
-                )?)?)
-            }
-        };
-        Ok(GenerateOutput {
-            latents,
-            frames,
-            num_frames,
-            height,
-            width,
-        })
+        run.image_latents = Some(self.image_latents(&image, &image_noise, run.latent_frames)?);
+        run.ofs = self.ofs_input()?;
+        self.finish(run, latents, &timesteps, observer)
     }
 
     /// Checks a conditioning image `[B, 3, H, W]` or `[3, H, W]` in `[0, 1]` against the
     /// generation size; returns it as `[B, 3, H, W]` f32 on the pipeline's device.
-    fn check_image(&self, image: &Tensor, height: usize, width: usize) -> Result<Tensor> {
-        let image = match image.rank() {
-            3 => image.unsqueeze(0)?,
-            4 => image.clone(),
-            _ => {
-                return Err(Error::invalid(
-                    "image",
-                    format!("expected shape [B, 3, H, W], found {:?}", image.dims()),
-                ))
-            }
-        };
+    fn check_image(&self, image: Tensor, height: usize, width: usize) -> Result<Tensor> {
+        let image = with_batch_axis(image, 4, "image", "[B, 3, H, W]")?;
         let (_, c, h, w) = image.dims4()?;
         if c != 3 || (h, w) != (height, width) {
             return Err(Error::invalid(
@@ -300,42 +213,4 @@ impl CogVideoXPipeline {
         self.check_learned_position_size(height, width)?;
         Ok(image.to_device(self.device())?.to_dtype(DType::F32)?)
     }
-}
-
-impl CogVideoXPipeline {
-    /// Learned positional embeddings (CogVideoX-5b-I2V) exist only for the sample size: an
-    /// error naming the size otherwise.
-    pub(crate) fn check_learned_position_size(&self, height: usize, width: usize) -> Result<()> {
-        let t = self.transformer.config();
-        if !t.use_learned_positional_embeddings {
-            return Ok(());
-        }
-        let s = self.vae_scale_spatial();
-        let (sh, sw) = (t.sample_height * s, t.sample_width * s);
-        if (height, width) != (sh, sw) {
-            return Err(Error::invalid(
-                "height",
-                format!(
-                    "this model's learned positional embeddings exist only for {sw}x{sh} (width x height); got {width}x{height}"
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Frames must be in `[0, 1]` (a `[0, 255]` tensor would be encoded as a white flash).
-pub(crate) fn check_unit_range(name: &str, x: &Tensor) -> Result<()> {
-    let flat = x.to_dtype(DType::F32)?.flatten_all()?;
-    let (lo, hi) = (
-        flat.min(0)?.to_scalar::<f32>()?,
-        flat.max(0)?.to_scalar::<f32>()?,
-    );
-    if !(lo >= -1e-3 && hi <= 1.0 + 1e-3) {
-        return Err(Error::invalid(
-            name,
-            format!("values must be in [0, 1], found [{lo}, {hi}]"),
-        ));
-    }
-    Ok(())
 }

@@ -3,13 +3,15 @@
 //! or frames back. Nothing here prints or draws progress bars.
 //!
 //! One loaded [`CogVideoXPipeline`] runs every mode; each is diffusers' pipeline of the same name,
-//! step for step, and shares the denoising loop of [`text_to_video`]:
+//! step for step, and shares its setup, denoising loop and decode with the others (the private
+//! `common` module), keeping only what is its own:
 //! - [`CogVideoXPipeline::generate`]: text-to-video ([`text_to_video`]);
 //! - [`CogVideoXPipeline::image_to_video`]: image-to-video for I2V checkpoints ([`image_to_video`]);
 //! - [`CogVideoXPipeline::video_to_video`]: SDEdit-style video-to-video ([`video_to_video`]);
 //! - [`CogVideoXPipeline::extend`]: a clip extended forwards or backwards by latent replacement,
 //!   with any text-to-video checkpoint ([`extend`]).
 
+mod common;
 pub mod defaults;
 pub mod extend;
 pub mod image_to_video;

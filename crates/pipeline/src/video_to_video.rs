@@ -22,14 +22,13 @@
 //! Random draws: the posterior sample (`seed + 2`), the forward-process noise (`seed`), the
 //! scheduler's noise (`seed + 1`); each can be given instead.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use std::ops::ControlFlow;
 use vdit_core::rng::NoiseRng;
 use vdit_core::{Error, Result};
 
-use crate::image_to_video::check_unit_range;
-use crate::text_to_video::{default_scheduler_noise, notify, Denoise};
-use crate::{CogVideoXPipeline, Event, GenerateOutput, GenerateRequest, OutputKind};
+use crate::common::{check_asked_sizes, check_unit_range, posterior_sample, with_batch_axis};
+use crate::{CogVideoXPipeline, Event, GenerateOutput, GenerateRequest};
 
 /// One video-to-video generation: a [`GenerateRequest`] plus the input video and the strength.
 pub struct VideoToVideoRequest {
@@ -86,32 +85,16 @@ pub fn strength_timesteps(timesteps: &[usize], strength: f64) -> Result<Vec<usiz
 }
 
 impl CogVideoXPipeline {
-    /// Runs a video-to-video generation, reporting to `observer` as [`Self::generate`] does
-    /// (`Started.steps` and the step totals count the steps that run).
-    pub fn video_to_video(
-        &mut self,
-        req: VideoToVideoRequest,
-        observer: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
-    ) -> Result<GenerateOutput> {
-        let VideoToVideoRequest {
-            request: mut req,
-            video,
-            strength,
-            encode_noise,
-            noise: fwd_noise,
-        } = req;
-        self.check_text_to_video("video-to-video")?;
-        let video = match video.rank() {
-            4 => video.unsqueeze(0)?,
-            5 => video,
-            _ => {
-                return Err(Error::invalid(
-                    "video",
-                    format!("expected shape [B, F, 3, H, W], found {:?}", video.dims()),
-                ))
-            }
-        };
-        let (vb, vf, vc, vh, vw) = video.dims5()?;
+    /// Checks an input video `[B, F, 3, H, W]` (or `[F, 3, H, W]`) in `[0, 1]` against the
+    /// request and the model, and sets the request's sizes to the video's; returns the video as
+    /// `[B, F, 3, H, W]` and the resolved (num_frames, height, width).
+    fn check_video(
+        &self,
+        video: Tensor,
+        req: &mut GenerateRequest,
+    ) -> Result<(Tensor, (usize, usize, usize))> {
+        let video = with_batch_axis(video, 5, "video", "[B, F, 3, H, W]")?;
+        let (_, vf, vc, vh, vw) = video.dims5()?;
         if vc != 3 {
             return Err(Error::invalid(
                 "video",
@@ -121,22 +104,19 @@ impl CogVideoXPipeline {
                 ),
             ));
         }
-        for (name, asked, found) in [
-            ("num_frames", req.num_frames, vf),
-            ("height", req.height, vh),
-            ("width", req.width, vw),
-        ] {
-            if let Some(a) = asked.filter(|&a| a != found) {
-                return Err(Error::invalid(
-                    name,
-                    format!("{a} was asked but the input video has {found} (resize or trim the video first)"),
-                ));
-            }
-        }
+        check_asked_sizes(
+            &[
+                ("num_frames", req.num_frames, vf),
+                ("height", req.height, vh),
+                ("width", req.width, vw),
+            ],
+            "the input video",
+            "resize or trim the video first",
+        )?;
         req.num_frames = Some(vf);
         req.height = Some(vh);
         req.width = Some(vw);
-        let (num_frames, height, width) = self.resolve_size(&req).map_err(|e| match e {
+        let size = self.resolve_size(req).map_err(|e| match e {
             Error::InvalidArgument { name, msg }
                 if ["num_frames", "height", "width"].contains(&name.as_str()) =>
             {
@@ -148,124 +128,78 @@ impl CogVideoXPipeline {
             other => other,
         })?;
         check_unit_range("video", &video)?;
+        Ok((video, size))
+    }
 
-        self.scheduler.set_timesteps(req.num_inference_steps)?;
-        let timesteps = strength_timesteps(self.scheduler.timesteps(), strength)?;
+    /// Runs a video-to-video generation, reporting to `observer` as [`Self::generate`] does
+    /// (`Started.steps` and the step totals count the steps that run).
+    pub fn video_to_video(
+        &mut self,
+        req: VideoToVideoRequest,
+        observer: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
+    ) -> Result<GenerateOutput> {
+        self.check_text_to_video("video-to-video")?;
+        let VideoToVideoRequest {
+            request: mut req,
+            video,
+            strength,
+            encode_noise,
+            noise: fwd_noise,
+        } = req;
+        let (video, size) = self.check_video(video, &mut req)?;
+        let (vb, num_frames) = (video.dim(0)?, size.0);
+
+        let timesteps = strength_timesteps(&self.schedule(req.num_inference_steps)?, strength)?;
         let steps_run = timesteps.len();
-        notify(observer(Event::Started {
-            num_frames,
-            height,
-            width,
-            steps: steps_run,
-        }))?;
-
-        let cond = self.prepare_text(&mut req)?;
-        if vb != cond.batch {
-            return Err(Error::invalid(
+        let one_video_per_prompt = |batch| {
+            if vb == batch {
+                return Ok(());
+            }
+            Err(Error::invalid(
                 "video",
-                format!(
-                    "{vb} videos for {} prompts; give one video per prompt",
-                    cond.batch
-                ),
-            ));
-        }
-        notify(observer(Event::TextEncoded))?;
-
-        let (latent_frames, additional) = self.latent_frames(num_frames);
-        if additional != 0 {
+                format!("{vb} videos for {batch} prompts; give one video per prompt"),
+            ))
+        };
+        let mut run = self.begin(req, size, steps_run, one_video_per_prompt, observer)?;
+        // Dynamic CFG counts the steps that run (diffusers reassigns num_inference_steps).
+        run.dynamic_cfg_steps = steps_run;
+        if run.padding != 0 {
             let pt = self.transformer.config().patch_size_t.unwrap_or(1);
             return Err(Error::invalid(
                 "num_frames",
                 format!(
                     "video-to-video needs the latent frame count to be a multiple of patch_size_t {pt}; {num_frames} frames give {} latent frames",
-                    latent_frames - additional
+                    run.latent_frames - run.padding
                 ),
             ));
         }
-        let s = self.vae_scale_spatial();
-        let c = self.vae.config().latent_channels;
-        let shape = [cond.batch, latent_frames, c, height / s, width / s];
-        let latents = match req.latents.take() {
-            Some(l) => self.check_latents(
-                l,
-                shape,
-                &format!("{num_frames} frames at {height}x{width}"),
-            )?,
-            None => {
-                let post = self.encode_frames(&video)?;
-                let en = match encode_noise {
-                    Some(n) => n.to_device(self.device())?.to_dtype(DType::F32)?,
-                    None => NoiseRng::new(req.seed.wrapping_add(2))
-                        .randn(post.mean.dims().to_vec(), self.device())?,
-                };
-                if en.dims() != post.mean.dims() {
-                    return Err(Error::invalid(
-                        "encode_noise",
-                        format!(
-                            "expected shape {:?} [B, C, F', h, w], found {:?}",
-                            post.mean.dims(),
-                            en.dims()
-                        ),
-                    ));
-                }
-                // [B, C, F', h, w] -> [B, F', C, h, w], times scaling_factor
-                let x0 = (post.sample(&en)?.permute((0, 2, 1, 3, 4))?
-                    * self.vae.config().scaling_factor)?;
-                if x0.dims() != shape {
-                    return Err(Error::Msg(format!(
-                        "the VAE encoded {num_frames} frames to latents {:?}, expected {shape:?}",
-                        x0.dims()
-                    )));
-                }
-                let n = match fwd_noise {
-                    Some(n) => self.check_latents(n, shape, "the forward-process noise")?,
-                    None => NoiseRng::new(req.seed).randn(shape.to_vec(), self.device())?,
-                };
-                self.scheduler
-                    .add_noise(&x0.contiguous()?, &n, timesteps[0])?
+        // Unless given, the latents are the video's: posterior sample times scaling_factor, noised
+        // to the first timestep that runs.
+        let seed = run.req.seed;
+        let latents = self.initial_latents_with(&mut run, |shape| {
+            let post = self.encode_frames(&video)?;
+            let en = match encode_noise {
+                Some(n) => n,
+                None => NoiseRng::new(seed.wrapping_add(2))
+                    .randn(post.mean.dims().to_vec(), self.device())?,
+            };
+            let z = posterior_sample(&post, &en, "encode_noise", "[B, C, F', h, w]")?;
+            // [B, C, F', h, w] -> [B, F', C, h, w], times scaling_factor
+            let x0 = (z.permute((0, 2, 1, 3, 4))? * self.vae.config().scaling_factor)?;
+            if x0.dims() != shape {
+                return Err(Error::Msg(format!(
+                    "the VAE encoded {num_frames} frames to latents {:?}, expected {shape:?}",
+                    x0.dims()
+                )));
             }
-        };
-        let latents = (latents * self.scheduler.init_noise_sigma())?;
-        let mut noise = req
-            .scheduler_noise
-            .take()
-            .unwrap_or_else(|| default_scheduler_noise(req.seed));
-
-        let rope = self.rope_tables(height, width, latent_frames)?;
-        let latents = self.denoise(
-            latents,
-            Denoise {
-                text: &cond.text,
-                batch: cond.batch,
-                guidance_scale: req.guidance_scale,
-                use_dynamic_cfg: req.use_dynamic_cfg,
-                dynamic_cfg_steps: steps_run,
-                timesteps: &timesteps,
-                rope: rope.as_ref(),
-                image_latents: None,
-                ofs: None,
-                noise: noise.as_mut(),
-                step_offset: 0,
-                step_total: steps_run,
-            },
-            &mut |_, _, x| Ok(x),
-            observer,
-        )?;
-
-        let frames = match req.output {
-            OutputKind::Latent => None,
-            OutputKind::Frames => {
-                notify(observer(Event::Decoding))?;
-                Some(self.decode_latents(&latents)?)
-            }
-        };
-        Ok(GenerateOutput {
-            latents,
-            frames,
-            num_frames,
-            height,
-            width,
-        })
+            let n = match fwd_noise {
+                Some(n) => self.check_latents(n, shape, "the forward-process noise")?,
+                None => NoiseRng::new(seed).randn(shape.to_vec(), self.device())?,
+            };
+            self.scheduler
+                .add_noise(&x0.contiguous()?, &n, timesteps[0])
+        })?;
+        self.finish(run, latents, &timesteps, observer)
     }
 }
 

@@ -12,10 +12,10 @@
 //! ᾱ = 0, λ = −∞ and h = +∞; IEEE arithmetic gives m₁ = 0, m₂ = −√ᾱ_prev (and on the next step
 //! r = ∞, so D = x̂₀). The last step (ᾱ_prev = 1) returns x̂₀.
 
-use crate::common::{self, draw_noise, pred_x0, scale, Base};
-use crate::config::{in_memory, CogVideoXSchedulerConfig};
-use crate::schedule::{cogvideox_table, with_dtype, Real};
-use crate::{NoiseSource, PredictionType, Scheduler};
+use crate::common::{draw_noise, scale, scheduler_impls, Base, Prev};
+use crate::config::CogVideoXSchedulerConfig;
+use crate::schedule::{with_dtype, Real};
+use crate::NoiseSource;
 use candle_core::Tensor;
 use std::path::PathBuf;
 use vdit_core::Result;
@@ -26,7 +26,6 @@ const CLASS: &str = "CogVideoXDPMScheduler";
 pub struct CogVideoXDPMScheduler {
     cfg: CogVideoXSchedulerConfig,
     base: Base,
-    final_alpha_cumprod: f64,
     /// x̂₀ of the previous step and that step's timestep (the 2M multistep state).
     previous: Option<(Tensor, usize)>,
 }
@@ -69,47 +68,14 @@ fn dpm_mults<T: Real>(a_t: f64, a_prev: f64, a_back: Option<f64>) -> Mults {
 }
 
 impl CogVideoXDPMScheduler {
-    pub fn new(cfg: CogVideoXSchedulerConfig) -> Result<Self> {
-        Self::with_file(cfg, in_memory(CLASS))
-    }
-
     /// As [`new`](Self::new); `file` names the config in error messages.
     pub fn with_file(cfg: CogVideoXSchedulerConfig, file: PathBuf) -> Result<Self> {
-        cfg.validate(&file, CLASS)?;
-        let table = cogvideox_table(
-            &cfg.beta_spec(),
-            cfg.snr_shift_scale,
-            cfg.rescale_betas_zero_snr,
-        );
-        crate::config::check_table(&file, &table.betas, cfg.trained_betas.is_some(), None)?;
-        let final_alpha_cumprod = if cfg.set_alpha_to_one {
-            1.0
-        } else {
-            table.alphas_cumprod[0]
-        };
-        let base = Base {
-            class: CLASS,
-            file,
-            table,
-            spacing: cfg.timestep_spacing,
-            steps_offset: cfg.steps_offset,
-            timesteps: Vec::new(),
-            num_inference_steps: None,
-        };
+        let base = Base::cogvideox(CLASS, file, &cfg)?;
         Ok(Self {
             cfg,
             base,
-            final_alpha_cumprod,
             previous: None,
         })
-    }
-
-    pub fn config(&self) -> &CogVideoXSchedulerConfig {
-        &self.cfg
-    }
-
-    pub fn table(&self) -> &crate::NoiseTable {
-        &self.base.table
     }
 
     /// One step returning (x_prev, x̂₀), as diffusers' `step(..., return_dict=False)`; updates the
@@ -122,19 +88,18 @@ impl CogVideoXDPMScheduler {
         noise: &mut dyn NoiseSource,
     ) -> Result<(Tensor, Tensor)> {
         self.base.check_t(t)?;
-        common::check_same_shape("model_output", model_output, sample)?;
-        let a_t = self.base.ac(t);
-        let (prev_t, a_prev) = self.base.ddim_prev(t, self.final_alpha_cumprod)?;
+        let st = self
+            .base
+            .start_step(model_output, t, sample, Prev::Spaced)?;
         let a_back = self.previous.as_ref().map(|(_, tb)| self.base.ac(*tb));
         let dtype = self.base.table.dtype;
-        let x0 = pred_x0(self.cfg.prediction_type, dtype, sample, model_output, a_t)?;
-        let m = with_dtype!(dtype, T => dpm_mults::<T>(a_t, a_prev, a_back));
+        let m = with_dtype!(dtype, T => dpm_mults::<T>(st.a_t, st.a_prev, a_back));
 
         // diffusers draws (and, on second-order steps, discards) a first-order noise tensor every step.
         let z = draw_noise(noise, sample)?;
         let denoised = match &self.previous {
-            Some((old_x0, _)) if prev_t >= 0 => {
-                let d = (scale(&x0, m.m3)? - scale(old_x0, m.m4)?)?;
+            Some((old_x0, _)) if st.prev_t >= 0 => {
+                let d = (scale(&st.x0, m.m3)? - scale(old_x0, m.m4)?)?;
                 let z = draw_noise(noise, sample)?;
                 Some((d, z))
             }
@@ -142,51 +107,17 @@ impl CogVideoXDPMScheduler {
         };
         let (d, z) = match &denoised {
             Some((d, z)) => (d, z),
-            None => (&x0, &z),
+            None => (&st.x0, &z),
         };
         let prev = ((scale(sample, m.m1)? - scale(d, m.m2)?)? + scale(z, m.noise)?)?;
-        self.previous = Some((x0.clone(), t));
-        Ok((prev, x0))
+        self.previous = Some((st.x0.clone(), t));
+        Ok((prev, st.x0))
     }
 }
 
-impl Scheduler for CogVideoXDPMScheduler {
-    fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        self.previous = None;
-        self.base.set_timesteps(n)
-    }
-
-    fn timesteps(&self) -> &[usize] {
-        &self.base.timesteps
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        t: usize,
-        sample: &Tensor,
-        noise: &mut dyn NoiseSource,
-    ) -> Result<Tensor> {
-        Ok(self.step_with_x0(model_output, t, sample, noise)?.0)
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, t: usize) -> Result<Tensor> {
-        common::add_noise(&self.base.table, original, noise, t)
-    }
-
-    fn velocity(&self, sample: &Tensor, noise: &Tensor, t: usize) -> Result<Tensor> {
-        common::velocity(&self.base.table, sample, noise, t)
-    }
-
-    fn prediction_type(&self) -> PredictionType {
-        self.cfg.prediction_type
-    }
-
-    fn num_train_timesteps(&self) -> usize {
-        self.base.num_train()
-    }
-
-    fn alphas_cumprod(&self) -> &[f64] {
-        &self.base.table.alphas_cumprod
-    }
-}
+scheduler_impls!(
+    CogVideoXDPMScheduler,
+    CogVideoXSchedulerConfig,
+    step_with_x0(noise),
+    reset previous
+);

@@ -5,27 +5,115 @@
 //! tensor op rounds once. [`scale`] and [`div_scalar`] do exactly that with candle ops
 //! (`affine(c, 0)` is `v * c` in the sample dtype; division is a true division, not a reciprocal).
 
-use crate::config::{PredictionType, TimestepSpacing, X0Clamp};
-use crate::schedule::{diffusers_timesteps, with_dtype, NoiseTable, Real, TableDType};
-use crate::NoiseSource;
+use crate::config::{check_table, PredictionType, Shared, TimestepSpacing, X0Clamp};
+use crate::schedule::{
+    cogvideox_table, diffusers_timesteps, plain_table, with_dtype, NoiseTable, Real,
+};
+use crate::{CogVideoXSchedulerConfig, NoiseSource};
 use candle_core::{DType, Tensor};
 use std::path::PathBuf;
 use vdit_core::{Error, Result};
 
-/// What every scheduler holds: its table and the current inference timesteps.
+/// What every scheduler holds: its table, the config fields every step reads and the current
+/// inference timesteps.
 #[derive(Clone, Debug)]
 pub(crate) struct Base {
     pub class: &'static str,
     /// The config file (or `<Class config>`), for messages.
     pub file: PathBuf,
     pub table: NoiseTable,
+    /// ᾱ past the last step: 1 (`set_alpha_to_one`, and always for DDPM) or ᾱ₀.
+    pub final_alpha_cumprod: f64,
+    pub prediction_type: PredictionType,
     pub spacing: TimestepSpacing,
     pub steps_offset: usize,
     pub timesteps: Vec<usize>,
     pub num_inference_steps: Option<usize>,
 }
 
+/// Where a step's previous timestep (the one whose ᾱ it steps to) comes from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Prev {
+    /// diffusers' `t - num_train_timesteps // num_inference_steps` (DDIM, DPM).
+    Spaced,
+    /// The next entry of `timesteps()`, -1 after the last (DDPM).
+    Next,
+}
+
+/// What every step starts from: ᾱ at `t` and at the previous timestep, and the unclipped x̂₀.
+pub(crate) struct StepStart {
+    pub a_t: f64,
+    /// The previous timestep, negative past the last step.
+    pub prev_t: i64,
+    pub a_prev: f64,
+    /// √ᾱ_t and √(1−ᾱ_t) in the table dtype.
+    pub sqrt_ab: (f64, f64),
+    pub x0: Tensor,
+}
+
 impl Base {
+    /// A CogVideoX scheduler's base: validates `cfg`, then builds its SNR-shifted table.
+    pub fn cogvideox(
+        class: &'static str,
+        file: PathBuf,
+        cfg: &CogVideoXSchedulerConfig,
+    ) -> Result<Self> {
+        cfg.validate(&file, class)?;
+        let shared = cfg.shared();
+        let table = cogvideox_table(
+            &shared.betas,
+            cfg.snr_shift_scale,
+            shared.rescale_betas_zero_snr,
+        );
+        Self::new(class, file, table, &shared, false, cfg.set_alpha_to_one)
+    }
+
+    /// A plain DDIM / DDPM scheduler's base, from a validated config.
+    pub fn plain(
+        class: &'static str,
+        file: PathBuf,
+        cfg: &Shared,
+        set_alpha_to_one: bool,
+    ) -> Result<Self> {
+        let rescaled = cfg.rescale_betas_zero_snr;
+        let table = plain_table(&cfg.betas, rescaled);
+        Self::new(class, file, table, cfg, rescaled, set_alpha_to_one)
+    }
+
+    /// Checks the built table (`rescaled`: its betas went through the zero-terminal-SNR rescale);
+    /// no timesteps set yet.
+    fn new(
+        class: &'static str,
+        file: PathBuf,
+        table: NoiseTable,
+        cfg: &Shared,
+        rescaled: bool,
+        set_alpha_to_one: bool,
+    ) -> Result<Self> {
+        check_table(
+            &file,
+            &table.betas,
+            cfg.betas.trained_betas.is_some(),
+            rescaled,
+        )?;
+        let final_alpha_cumprod = if set_alpha_to_one {
+            1.0
+        } else {
+            table.alphas_cumprod[0]
+        };
+        Ok(Self {
+            class,
+            file,
+            table,
+            final_alpha_cumprod,
+            prediction_type: cfg.prediction_type,
+            spacing: cfg.timestep_spacing,
+            steps_offset: cfg.steps_offset,
+            timesteps: Vec::new(),
+            num_inference_steps: None,
+        })
+    }
+
     pub fn num_train(&self) -> usize {
         self.table.alphas_cumprod.len()
     }
@@ -73,7 +161,7 @@ impl Base {
     }
 
     /// The `n` of the last `set_timesteps`, or an error if it was never called.
-    pub fn n(&self) -> Result<usize> {
+    fn n(&self) -> Result<usize> {
         self.num_inference_steps
             .ok_or_else(|| Error::Msg(format!("{}: call set_timesteps before step", self.class)))
     }
@@ -93,17 +181,81 @@ impl Base {
         self.table.alphas_cumprod[t]
     }
 
-    /// diffusers' `prev_timestep = t - num_train_timesteps // num_inference_steps` (DDIM, DPM), with ᾱ
-    /// there or `final_alpha_cumprod` when it is negative.
-    pub fn ddim_prev(&self, t: usize, final_alpha_cumprod: f64) -> Result<(i64, f64)> {
-        let n = self.n()?;
-        let prev = t as i64 - (self.num_train() / n) as i64;
-        let a_prev = if prev >= 0 {
-            self.ac(prev as usize)
-        } else {
-            final_alpha_cumprod
+    /// The timestep after `t` in `timesteps()`, or -1 for the last one.
+    fn next_timestep(&self, t: usize) -> Result<i64> {
+        self.n()?;
+        let ts = &self.timesteps;
+        let i = ts.iter().position(|&v| v == t).ok_or_else(|| {
+            Error::invalid(
+                "timestep",
+                format!("{t} is not one of {}'s timesteps {ts:?}", self.class),
+            )
+        })?;
+        Ok(ts.get(i + 1).map_or(-1, |&v| v as i64))
+    }
+
+    /// The start of a step at `t` (already checked with [`check_t`](Self::check_t)): checks the
+    /// model output's shape, finds the previous timestep and ᾱ there (`final_alpha_cumprod` when it
+    /// is negative), and x̂₀ from the prediction type.
+    pub fn start_step(
+        &self,
+        model_output: &Tensor,
+        t: usize,
+        sample: &Tensor,
+        prev: Prev,
+    ) -> Result<StepStart> {
+        check_same_shape("model_output", model_output, sample)?;
+        let prev_t = match prev {
+            Prev::Spaced => t as i64 - (self.num_train() / self.n()?) as i64,
+            Prev::Next => self.next_timestep(t)?,
         };
-        Ok((prev, a_prev))
+        let a_t = self.ac(t);
+        let a_prev = if prev_t >= 0 {
+            self.ac(prev_t as usize)
+        } else {
+            self.final_alpha_cumprod
+        };
+        let (sa, sb) = with_dtype!(self.table.dtype, T => sqrt_ab::<T>(a_t));
+        // x̂₀ from the model output (the same formulas in all four diffusers schedulers).
+        let x0 = match self.prediction_type {
+            PredictionType::Epsilon => div_scalar(&(sample - scale(model_output, sb)?)?, sa)?,
+            PredictionType::VPrediction => (scale(sample, sa)? - scale(model_output, sb)?)?,
+            PredictionType::Sample => model_output.clone(),
+        };
+        Ok(StepStart {
+            a_t,
+            prev_t,
+            a_prev,
+            sqrt_ab: (sa, sb),
+            x0,
+        })
+    }
+
+    /// ε̂ as plain DDIM computes it, from the unclipped x̂₀ of `st`.
+    pub fn pred_eps(
+        &self,
+        st: &StepStart,
+        sample: &Tensor,
+        model_output: &Tensor,
+    ) -> Result<Tensor> {
+        let (sa, sb) = st.sqrt_ab;
+        match self.prediction_type {
+            PredictionType::Epsilon => Ok(model_output.clone()),
+            PredictionType::Sample => div_scalar(&(sample - scale(&st.x0, sa)?)?, sb),
+            PredictionType::VPrediction => Ok((scale(model_output, sa)? + scale(sample, sb)?)?),
+        }
+    }
+
+    /// q(x_t | x₀): √ᾱ_t·x₀ + √(1−ᾱ_t)·ε.
+    pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, t: usize) -> Result<Tensor> {
+        let (sa, sb, noise) = forward_parts(&self.table, x0, noise, t)?;
+        Ok((scale(x0, sa)? + scale(&noise, sb)?)?)
+    }
+
+    /// v = √ᾱ_t·ε − √(1−ᾱ_t)·x₀.
+    pub fn velocity(&self, x0: &Tensor, noise: &Tensor, t: usize) -> Result<Tensor> {
+        let (sa, sb, noise) = forward_parts(&self.table, x0, noise, t)?;
+        Ok((scale(&noise, sa)? - scale(x0, sb)?)?)
     }
 }
 
@@ -113,12 +265,12 @@ pub(crate) fn scale(x: &Tensor, c: f64) -> Result<Tensor> {
 }
 
 /// `x / c` as a true division in `x`'s dtype.
-pub(crate) fn div_scalar(x: &Tensor, c: f64) -> Result<Tensor> {
+fn div_scalar(x: &Tensor, c: f64) -> Result<Tensor> {
     let c = Tensor::new(c, x.device())?.to_dtype(x.dtype())?;
     Ok(x.broadcast_div(&c)?)
 }
 
-pub(crate) fn check_same_shape(name: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+fn check_same_shape(name: &str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.dims() != b.dims() {
         return Err(Error::invalid(
             name,
@@ -154,76 +306,27 @@ fn sqrt_ab<T: Real>(a: f64) -> (f64, f64) {
     (a.sqrt().f64(), (T::of(1.0) - a).sqrt().f64())
 }
 
-/// x̂₀ from the model output (the same formulas in all four diffusers schedulers).
-pub(crate) fn pred_x0(
-    pt: PredictionType,
-    dtype: TableDType,
-    sample: &Tensor,
-    model_output: &Tensor,
-    a_t: f64,
-) -> Result<Tensor> {
-    let (sa, sb) = with_dtype!(dtype, T => sqrt_ab::<T>(a_t));
-    match pt {
-        PredictionType::Epsilon => div_scalar(&(sample - scale(model_output, sb)?)?, sa),
-        PredictionType::VPrediction => Ok((scale(sample, sa)? - scale(model_output, sb)?)?),
-        PredictionType::Sample => Ok(model_output.clone()),
-    }
-}
-
-/// ε̂ as plain DDIM computes it, from the unclipped x̂₀.
-pub(crate) fn pred_eps(
-    pt: PredictionType,
-    dtype: TableDType,
-    sample: &Tensor,
-    model_output: &Tensor,
+/// The forward process's √ᾱ_t and √(1−ᾱ_t) as diffusers' `add_noise` / `get_velocity` compute them
+/// (the table is first cast to the sample's dtype: f64 samples stay f64, anything else is computed
+/// in f32), and `noise` (checked to be shaped like `x0`) in `x0`'s dtype.
+fn forward_parts(
+    table: &NoiseTable,
     x0: &Tensor,
-    a_t: f64,
-) -> Result<Tensor> {
-    let (sa, sb) = with_dtype!(dtype, T => sqrt_ab::<T>(a_t));
-    match pt {
-        PredictionType::Epsilon => Ok(model_output.clone()),
-        PredictionType::Sample => div_scalar(&(sample - scale(x0, sa)?)?, sb),
-        PredictionType::VPrediction => Ok((scale(model_output, sa)? + scale(sample, sb)?)?),
-    }
-}
-
-/// √ᾱ and √(1−ᾱ) as diffusers' `add_noise` / `get_velocity` compute them: the table is first cast to
-/// the sample's dtype (f64 samples stay f64, anything else is computed in f32).
-fn forward_coeffs(table: &NoiseTable, x: &Tensor, t: usize) -> Result<(f64, f64)> {
+    noise: &Tensor,
+    t: usize,
+) -> Result<(f64, f64, Tensor)> {
+    check_same_shape("noise", noise, x0)?;
     let n = table.alphas_cumprod.len();
     if t >= n {
         return Err(Error::invalid("timestep", format!("{t} is outside 0..{n}")));
     }
     let a = table.alphas_cumprod[t];
-    Ok(if x.dtype() == DType::F64 {
+    let (sa, sb) = if x0.dtype() == DType::F64 {
         sqrt_ab::<f64>(a)
     } else {
         sqrt_ab::<f32>(a)
-    })
-}
-
-/// q(x_t | x₀): √ᾱ_t·x₀ + √(1−ᾱ_t)·ε.
-pub(crate) fn add_noise(
-    table: &NoiseTable,
-    x0: &Tensor,
-    noise: &Tensor,
-    t: usize,
-) -> Result<Tensor> {
-    check_same_shape("noise", noise, x0)?;
-    let (sa, sb) = forward_coeffs(table, x0, t)?;
-    Ok((scale(x0, sa)? + scale(&noise.to_dtype(x0.dtype())?, sb)?)?)
-}
-
-/// v = √ᾱ_t·ε − √(1−ᾱ_t)·x₀.
-pub(crate) fn velocity(
-    table: &NoiseTable,
-    x0: &Tensor,
-    noise: &Tensor,
-    t: usize,
-) -> Result<Tensor> {
-    check_same_shape("noise", noise, x0)?;
-    let (sa, sb) = forward_coeffs(table, x0, t)?;
-    Ok((scale(&noise.to_dtype(x0.dtype())?, sa)? - scale(x0, sb)?)?)
+    };
+    Ok((sa, sb, noise.to_dtype(x0.dtype())?))
 }
 
 /// diffusers' x̂₀ post-processing: dynamic thresholding if enabled, else clipping if enabled.
@@ -303,3 +406,76 @@ fn threshold_sample(x: &Tensor, ratio: f64, max_value: f64) -> Result<Tensor> {
     };
     Ok(y.to_dtype(x.dtype())?.to_device(x.device())?)
 }
+
+/// The methods every scheduler shares, for a struct `$ty` with fields `cfg: $cfg` and `base: Base`,
+/// a `CLASS` const, a `with_file(cfg, file)` constructor and a `step_with_x0` returning
+/// (x_prev, x̂₀): `new`, `config` and `table`, and the whole [`Scheduler`](crate::Scheduler) impl.
+/// `step_with_x0(noise)`: it takes the noise source (`step_with_x0()`: it draws none).
+/// `reset $field`: `set_timesteps` also clears the multistep state in `self.$field` (an `Option`).
+/// The invoking module has `Tensor` (candle's) and `Result` (vdit_core's) in scope.
+macro_rules! scheduler_impls {
+    ($ty:ident, $cfg:ty, step_with_x0($($noise:ident)?) $(, reset $state:ident)?) => {
+        impl $ty {
+            /// Builds the scheduler from `cfg` (validated; errors name `<Class config>`).
+            pub fn new(cfg: $cfg) -> Result<Self> {
+                Self::with_file(cfg, $crate::config::in_memory(CLASS))
+            }
+
+            pub fn config(&self) -> &$cfg {
+                &self.cfg
+            }
+
+            pub fn table(&self) -> &$crate::NoiseTable {
+                &self.base.table
+            }
+        }
+
+        impl $crate::Scheduler for $ty {
+            fn set_timesteps(&mut self, n: usize) -> Result<()> {
+                $(self.$state = None;)?
+                self.base.set_timesteps(n)
+            }
+
+            fn timesteps(&self) -> &[usize] {
+                &self.base.timesteps
+            }
+
+            fn step(
+                &mut self,
+                model_output: &Tensor,
+                t: usize,
+                sample: &Tensor,
+                noise: &mut dyn $crate::NoiseSource,
+            ) -> Result<Tensor> {
+                let call = $crate::common::scheduler_impls!(
+                    @call self(model_output, t, sample) noise $($noise)?
+                );
+                Ok(call?.0)
+            }
+
+            fn add_noise(&self, original: &Tensor, noise: &Tensor, t: usize) -> Result<Tensor> {
+                self.base.add_noise(original, noise, t)
+            }
+
+            fn velocity(&self, sample: &Tensor, noise: &Tensor, t: usize) -> Result<Tensor> {
+                self.base.velocity(sample, noise, t)
+            }
+
+            fn prediction_type(&self) -> $crate::PredictionType {
+                self.base.prediction_type
+            }
+
+            fn num_train_timesteps(&self) -> usize {
+                self.base.num_train()
+            }
+
+            fn alphas_cumprod(&self) -> &[f64] {
+                &self.base.table.alphas_cumprod
+            }
+        }
+    };
+    // `step_with_x0`'s call, passing the noise source on or (deterministic samplers) dropping it.
+    (@call $s:ident($($arg:ident),*) $z:ident noise) => { $s.step_with_x0($($arg,)* $z) };
+    (@call $s:ident($($arg:ident),*) $z:ident) => {{ let _unused = $z; $s.step_with_x0($($arg),*) }};
+}
+pub(crate) use scheduler_impls;

@@ -5,6 +5,7 @@
 //! `validate` adds the checks serde cannot express (per-class schedules, table lengths, ranges).
 
 use crate::schedule::BetaSpec;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use vdit_core::config::ensure;
@@ -90,52 +91,76 @@ pub(crate) fn in_memory(class: &str) -> std::path::PathBuf {
     format!("<{class} config>").into()
 }
 
-fn check_betas(
-    file: &Path,
-    class: &str,
-    num_train_timesteps: usize,
-    schedule: BetaSchedule,
-    trained: Option<&[f64]>,
-    allowed: &[BetaSchedule],
-) -> Result<()> {
-    ensure(
-        num_train_timesteps >= 1,
-        file,
-        "num_train_timesteps",
-        || "must be at least 1".into(),
-    )?;
-    if let Some(tb) = trained {
-        ensure(
-            tb.len() == num_train_timesteps,
-            file,
-            "trained_betas",
-            || {
-                format!(
-                    "has {} values but num_train_timesteps is {num_train_timesteps}",
-                    tb.len()
-                )
-            },
-        )?;
-    } else {
-        ensure(allowed.contains(&schedule), file, "beta_schedule", || {
-            let names: Vec<_> = allowed.iter().map(|s| s.name()).collect();
-            format!(
-                "{class} supports {} (found {})",
-                names.join(", "),
-                schedule.name()
-            )
-        })?;
-    }
-    Ok(())
+/// The beta schedules the DDIM-type classes accept.
+const SCHEDULES: [BetaSchedule; 3] = [
+    BetaSchedule::Linear,
+    BetaSchedule::ScaledLinear,
+    BetaSchedule::SquaredcosCapV2,
+];
+
+/// The beta schedules `DDPMScheduler` accepts (also sigmoid and laplace).
+const DDPM_SCHEDULES: [BetaSchedule; 5] = [
+    BetaSchedule::Linear,
+    BetaSchedule::ScaledLinear,
+    BetaSchedule::SquaredcosCapV2,
+    BetaSchedule::Sigmoid,
+    BetaSchedule::Laplace,
+];
+
+/// Reads a config file and runs `validate` on it (its errors name `path`).
+fn load_validated<C: DeserializeOwned + Serialize>(
+    path: &Path,
+    validate: impl FnOnce(&C) -> Result<()>,
+) -> Result<C> {
+    let cfg: C = vdit_core::config::load_config(path)?;
+    validate(&cfg)?;
+    Ok(cfg)
 }
 
-/// Checks the betas of a built table lie in [0, 1] (otherwise ᾱ is negative or NaN).
-pub(crate) fn check_table(
+/// A range check on one float field: unless `ok(value)`, an error naming `file` and `key` that says
+/// the value "must {expected} (found {value})".
+fn check_f64(
     file: &Path,
-    betas: &[f64],
-    trained: bool,
-    rescale_key: Option<bool>,
+    key: &str,
+    value: f64,
+    ok: fn(f64) -> bool,
+    expected: &str,
 ) -> Result<()> {
+    ensure(ok(value), file, key, || {
+        format!("must {expected} (found {value})")
+    })
+}
+
+/// `num_train_timesteps`, then either the length of `trained_betas` or a `beta_schedule` that `class`
+/// supports (one of `allowed`).
+fn check_betas(file: &Path, class: &str, spec: &BetaSpec, allowed: &[BetaSchedule]) -> Result<()> {
+    let n = spec.num_train_timesteps;
+    ensure(n >= 1, file, "num_train_timesteps", || {
+        "must be at least 1".into()
+    })?;
+    match spec.trained_betas {
+        Some(tb) => ensure(tb.len() == n, file, "trained_betas", || {
+            format!("has {} values but num_train_timesteps is {n}", tb.len())
+        }),
+        None => ensure(
+            allowed.contains(&spec.schedule),
+            file,
+            "beta_schedule",
+            || {
+                let names: Vec<_> = allowed.iter().map(|s| s.name()).collect();
+                format!(
+                    "{class} supports {} (found {})",
+                    names.join(", "),
+                    spec.schedule.name()
+                )
+            },
+        ),
+    }
+}
+
+/// Checks the betas of a built table lie in [0, 1] (otherwise ᾱ is negative or NaN). `rescaled`:
+/// the betas went through `rescale_betas_zero_snr` (plain DDIM / DDPM), which the message then says.
+pub(crate) fn check_table(file: &Path, betas: &[f64], trained: bool, rescaled: bool) -> Result<()> {
     if let Some(i) = betas
         .iter()
         .position(|b| !b.is_finite() || !(0.0..=1.0).contains(b))
@@ -145,7 +170,7 @@ pub(crate) fn check_table(
         } else {
             "beta_start/beta_end"
         };
-        let extra = if rescale_key == Some(true) {
+        let extra = if rescaled {
             " (after rescale_betas_zero_snr)"
         } else {
             ""
@@ -161,6 +186,94 @@ pub(crate) fn check_table(
     }
     Ok(())
 }
+
+/// The fields every config shares, as the shared scheduler code reads them.
+pub(crate) struct Shared<'a> {
+    pub betas: BetaSpec<'a>,
+    pub rescale_betas_zero_snr: bool,
+    pub prediction_type: PredictionType,
+    pub timestep_spacing: TimestepSpacing,
+    pub steps_offset: usize,
+}
+
+/// Sample clipping and dynamic thresholding of x̂₀ (plain DDIM / DDPM).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct X0Clamp {
+    pub thresholding: bool,
+    pub dynamic_thresholding_ratio: f64,
+    pub sample_max_value: f64,
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+}
+
+/// Thresholding or clipping parameters in range (only those that are in use).
+fn check_clamp(file: &Path, c: &X0Clamp) -> Result<()> {
+    if c.thresholding {
+        check_f64(
+            file,
+            "dynamic_thresholding_ratio",
+            c.dynamic_thresholding_ratio,
+            |r| r > 0.0 && r <= 1.0,
+            "lie in (0, 1]",
+        )?;
+        check_f64(
+            file,
+            "sample_max_value",
+            c.sample_max_value,
+            |v| v.is_finite() && v > 0.0,
+            "be positive",
+        )
+    } else if c.clip_sample {
+        check_f64(
+            file,
+            "clip_sample_range",
+            c.clip_sample_range,
+            |v| v.is_finite() && v >= 0.0,
+            "be >= 0",
+        )
+    } else {
+        Ok(())
+    }
+}
+
+/// The crate-private views of a config: `shared()` ([`Shared`]) for every class and, given `clamp`,
+/// `clamp()` ([`X0Clamp`]) for the classes with thresholding fields.
+macro_rules! views {
+    ($cfg:ty $(, $clamp:ident)?) => {
+        impl $cfg {
+            pub(crate) fn shared(&self) -> Shared<'_> {
+                Shared {
+                    betas: BetaSpec {
+                        schedule: self.beta_schedule,
+                        beta_start: self.beta_start,
+                        beta_end: self.beta_end,
+                        num_train_timesteps: self.num_train_timesteps,
+                        trained_betas: self.trained_betas.as_deref(),
+                    },
+                    rescale_betas_zero_snr: self.rescale_betas_zero_snr,
+                    prediction_type: self.prediction_type,
+                    timestep_spacing: self.timestep_spacing,
+                    steps_offset: self.steps_offset,
+                }
+            }
+
+            $(
+                pub(crate) fn $clamp(&self) -> X0Clamp {
+                    X0Clamp {
+                        thresholding: self.thresholding,
+                        dynamic_thresholding_ratio: self.dynamic_thresholding_ratio,
+                        sample_max_value: self.sample_max_value,
+                        clip_sample: self.clip_sample,
+                        clip_sample_range: self.clip_sample_range,
+                    }
+                }
+            )?
+        }
+    };
+}
+views!(CogVideoXSchedulerConfig);
+views!(DDIMSchedulerConfig, clamp);
+views!(DDPMSchedulerConfig, clamp);
 
 /// `CogVideoXDDIMScheduler` / `CogVideoXDPMScheduler` (identical fields and defaults).
 /// `clip_sample`, `clip_sample_range` and `sample_max_value` are stored but unused, as in diffusers.
@@ -229,81 +342,19 @@ impl CogVideoXSchedulerConfig {
 
     /// Reads a `scheduler_config.json`.
     pub fn load(path: &Path) -> Result<Self> {
-        let cfg: Self = vdit_core::config::load_config(path)?;
-        cfg.validate(path, "CogVideoXScheduler")?;
-        Ok(cfg)
+        load_validated(path, |c: &Self| c.validate(path, "CogVideoXScheduler"))
     }
 
     pub fn validate(&self, file: &Path, class: &str) -> Result<()> {
-        check_betas(
-            file,
-            class,
-            self.num_train_timesteps,
-            self.beta_schedule,
-            self.trained_betas.as_deref(),
-            &[
-                BetaSchedule::Linear,
-                BetaSchedule::ScaledLinear,
-                BetaSchedule::SquaredcosCapV2,
-            ],
-        )?;
-        ensure(
-            self.snr_shift_scale.is_finite() && self.snr_shift_scale > 0.0,
+        check_betas(file, class, &self.shared().betas, &SCHEDULES)?;
+        check_f64(
             file,
             "snr_shift_scale",
-            || format!("must be a positive number (found {})", self.snr_shift_scale),
+            self.snr_shift_scale,
+            |s| s.is_finite() && s > 0.0,
+            "be a positive number",
         )
     }
-
-    pub(crate) fn beta_spec(&self) -> BetaSpec<'_> {
-        BetaSpec {
-            schedule: self.beta_schedule,
-            beta_start: self.beta_start,
-            beta_end: self.beta_end,
-            num_train_timesteps: self.num_train_timesteps,
-            trained_betas: self.trained_betas.as_deref(),
-        }
-    }
-}
-
-/// Sample clipping and dynamic thresholding of x̂₀ (plain DDIM / DDPM).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct X0Clamp {
-    pub thresholding: bool,
-    pub dynamic_thresholding_ratio: f64,
-    pub sample_max_value: f64,
-    pub clip_sample: bool,
-    pub clip_sample_range: f64,
-}
-
-fn check_clamp(file: &Path, c: &X0Clamp) -> Result<()> {
-    if c.thresholding {
-        ensure(
-            c.dynamic_thresholding_ratio > 0.0 && c.dynamic_thresholding_ratio <= 1.0,
-            file,
-            "dynamic_thresholding_ratio",
-            || {
-                format!(
-                    "must lie in (0, 1] (found {})",
-                    c.dynamic_thresholding_ratio
-                )
-            },
-        )?;
-        ensure(
-            c.sample_max_value.is_finite() && c.sample_max_value > 0.0,
-            file,
-            "sample_max_value",
-            || format!("must be positive (found {})", c.sample_max_value),
-        )?;
-    } else if c.clip_sample {
-        ensure(
-            c.clip_sample_range.is_finite() && c.clip_sample_range >= 0.0,
-            file,
-            "clip_sample_range",
-            || format!("must be >= 0 (found {})", c.clip_sample_range),
-        )?;
-    }
-    Ok(())
 }
 
 /// diffusers' `DDIMScheduler`.
@@ -351,45 +402,12 @@ impl Default for DDIMSchedulerConfig {
 
 impl DDIMSchedulerConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let cfg: Self = vdit_core::config::load_config(path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
+        load_validated(path, |c: &Self| c.validate(path))
     }
 
     pub fn validate(&self, file: &Path) -> Result<()> {
-        check_betas(
-            file,
-            "DDIMScheduler",
-            self.num_train_timesteps,
-            self.beta_schedule,
-            self.trained_betas.as_deref(),
-            &[
-                BetaSchedule::Linear,
-                BetaSchedule::ScaledLinear,
-                BetaSchedule::SquaredcosCapV2,
-            ],
-        )?;
+        check_betas(file, "DDIMScheduler", &self.shared().betas, &SCHEDULES)?;
         check_clamp(file, &self.clamp())
-    }
-
-    pub(crate) fn clamp(&self) -> X0Clamp {
-        X0Clamp {
-            thresholding: self.thresholding,
-            dynamic_thresholding_ratio: self.dynamic_thresholding_ratio,
-            sample_max_value: self.sample_max_value,
-            clip_sample: self.clip_sample,
-            clip_sample_range: self.clip_sample_range,
-        }
-    }
-
-    pub(crate) fn beta_spec(&self) -> BetaSpec<'_> {
-        BetaSpec {
-            schedule: self.beta_schedule,
-            beta_start: self.beta_start,
-            beta_end: self.beta_end,
-            num_train_timesteps: self.num_train_timesteps,
-            trained_betas: self.trained_betas.as_deref(),
-        }
     }
 }
 
@@ -438,26 +456,11 @@ impl Default for DDPMSchedulerConfig {
 
 impl DDPMSchedulerConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let cfg: Self = vdit_core::config::load_config(path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
+        load_validated(path, |c: &Self| c.validate(path))
     }
 
     pub fn validate(&self, file: &Path) -> Result<()> {
-        check_betas(
-            file,
-            "DDPMScheduler",
-            self.num_train_timesteps,
-            self.beta_schedule,
-            self.trained_betas.as_deref(),
-            &[
-                BetaSchedule::Linear,
-                BetaSchedule::ScaledLinear,
-                BetaSchedule::SquaredcosCapV2,
-                BetaSchedule::Sigmoid,
-                BetaSchedule::Laplace,
-            ],
-        )?;
+        check_betas(file, "DDPMScheduler", &self.shared().betas, &DDPM_SCHEDULES)?;
         ensure(
             self.variance_type != VarianceType::FixedLargeLog,
             file,
@@ -470,25 +473,5 @@ impl DDPMSchedulerConfig {
             },
         )?;
         check_clamp(file, &self.clamp())
-    }
-
-    pub(crate) fn clamp(&self) -> X0Clamp {
-        X0Clamp {
-            thresholding: self.thresholding,
-            dynamic_thresholding_ratio: self.dynamic_thresholding_ratio,
-            sample_max_value: self.sample_max_value,
-            clip_sample: self.clip_sample,
-            clip_sample_range: self.clip_sample_range,
-        }
-    }
-
-    pub(crate) fn beta_spec(&self) -> BetaSpec<'_> {
-        BetaSpec {
-            schedule: self.beta_schedule,
-            beta_start: self.beta_start,
-            beta_end: self.beta_end,
-            num_train_timesteps: self.num_train_timesteps,
-            trained_betas: self.trained_betas.as_deref(),
-        }
     }
 }

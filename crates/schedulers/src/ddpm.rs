@@ -9,10 +9,10 @@
 //! `learned` (σ² is the second half of the output along dim 1) and `learned_range`
 //! (log σ² = f·log β_t + (1−f)·log β̃_t with f = (v+1)/2).
 
-use crate::common::{self, clamp_x0, draw_noise, pred_x0, scale, Base};
-use crate::config::{check_table, in_memory, DDPMSchedulerConfig, VarianceType};
-use crate::schedule::{plain_table, with_dtype, Real};
-use crate::{NoiseSource, PredictionType, Scheduler};
+use crate::common::{clamp_x0, draw_noise, scale, scheduler_impls, Base, Prev};
+use crate::config::{DDPMSchedulerConfig, VarianceType};
+use crate::schedule::{with_dtype, Real};
+use crate::NoiseSource;
 use candle_core::Tensor;
 use std::path::PathBuf;
 use vdit_core::{Error, Result};
@@ -60,51 +60,12 @@ fn ddpm_coeffs<T: Real>(a_t: f64, a_prev: f64) -> Coeffs {
 }
 
 impl DDPMScheduler {
-    pub fn new(cfg: DDPMSchedulerConfig) -> Result<Self> {
-        Self::with_file(cfg, in_memory(CLASS))
-    }
-
     /// As [`new`](Self::new); `file` names the config in error messages.
     pub fn with_file(cfg: DDPMSchedulerConfig, file: PathBuf) -> Result<Self> {
         cfg.validate(&file)?;
-        let table = plain_table(&cfg.beta_spec(), cfg.rescale_betas_zero_snr);
-        check_table(
-            &file,
-            &table.betas,
-            cfg.trained_betas.is_some(),
-            Some(cfg.rescale_betas_zero_snr),
-        )?;
-        let base = Base {
-            class: CLASS,
-            file,
-            table,
-            spacing: cfg.timestep_spacing,
-            steps_offset: cfg.steps_offset,
-            timesteps: Vec::new(),
-            num_inference_steps: None,
-        };
+        // diffusers' DDPM steps to ᾱ = 1 after the last timestep (`set_alpha_to_one` in effect).
+        let base = Base::plain(CLASS, file, &cfg.shared(), true)?;
         Ok(Self { cfg, base })
-    }
-
-    pub fn config(&self) -> &DDPMSchedulerConfig {
-        &self.cfg
-    }
-
-    pub fn table(&self) -> &crate::NoiseTable {
-        &self.base.table
-    }
-
-    /// The timestep after `t` in `timesteps()`, or -1 for the last one.
-    fn previous_timestep(&self, t: usize) -> Result<i64> {
-        self.base.n()?;
-        let ts = &self.base.timesteps;
-        let i = ts.iter().position(|&v| v == t).ok_or_else(|| {
-            Error::invalid(
-                "timestep",
-                format!("{t} is not one of {CLASS}'s timesteps {ts:?}"),
-            )
-        })?;
-        Ok(ts.get(i + 1).map_or(-1, |&v| v as i64))
     }
 
     /// One step returning (x_prev, x̂₀), as diffusers' `step(..., return_dict=False)`.
@@ -139,19 +100,10 @@ impl DDPMScheduler {
             }
             _ => (model_output.clone(), None),
         };
-        common::check_same_shape("model_output", &model_output, sample)?;
-
-        let prev_t = self.previous_timestep(t)?;
-        let a_t = self.base.ac(t);
-        let a_prev = if prev_t >= 0 {
-            self.base.ac(prev_t as usize)
-        } else {
-            1.0
-        };
+        let st = self.base.start_step(&model_output, t, sample, Prev::Next)?;
+        let x0 = clamp_x0(st.x0, &self.cfg.clamp())?;
         let dtype = self.base.table.dtype;
-        let x0 = pred_x0(self.cfg.prediction_type, dtype, sample, &model_output, a_t)?;
-        let x0 = clamp_x0(x0, &self.cfg.clamp())?;
-        let c = with_dtype!(dtype, T => ddpm_coeffs::<T>(a_t, a_prev));
+        let c = with_dtype!(dtype, T => ddpm_coeffs::<T>(st.a_t, st.a_prev));
         let mut prev = (scale(&x0, c.c_x0)? + scale(sample, c.c_sample)?)?;
         if t > 0 {
             let z = draw_noise(noise, &model_output)?;
@@ -179,42 +131,4 @@ impl DDPMScheduler {
     }
 }
 
-impl Scheduler for DDPMScheduler {
-    fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        self.base.set_timesteps(n)
-    }
-
-    fn timesteps(&self) -> &[usize] {
-        &self.base.timesteps
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        t: usize,
-        sample: &Tensor,
-        noise: &mut dyn NoiseSource,
-    ) -> Result<Tensor> {
-        Ok(self.step_with_x0(model_output, t, sample, noise)?.0)
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, t: usize) -> Result<Tensor> {
-        common::add_noise(&self.base.table, original, noise, t)
-    }
-
-    fn velocity(&self, sample: &Tensor, noise: &Tensor, t: usize) -> Result<Tensor> {
-        common::velocity(&self.base.table, sample, noise, t)
-    }
-
-    fn prediction_type(&self) -> PredictionType {
-        self.cfg.prediction_type
-    }
-
-    fn num_train_timesteps(&self) -> usize {
-        self.base.num_train()
-    }
-
-    fn alphas_cumprod(&self) -> &[f64] {
-        &self.base.table.alphas_cumprod
-    }
-}
+scheduler_impls!(DDPMScheduler, DDPMSchedulerConfig, step_with_x0(noise));

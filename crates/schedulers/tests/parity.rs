@@ -217,19 +217,35 @@ fn check_forward(case: &Case, s: &dyn Scheduler) {
     }
 }
 
+/// Checks `s`'s ᾱ table against the case's (bit-exact unless diffusers `rescaled` it to zero terminal
+/// SNR) and sets the case's number of steps.
+fn prepare(case: &Case, s: &mut dyn Scheduler, rescaled: bool, f32_table: bool) {
+    let want = case.alphas_cumprod();
+    check_table(&case.name, s.alphas_cumprod(), &want, !rescaled, f32_table);
+    s.set_timesteps(case.n_steps()).unwrap();
+}
+
+/// [`run_steps`] with the case's recorded noise draws, every one of which must be consumed, in order.
+fn run_recorded(
+    case: &Case,
+    mut step: impl FnMut(&Tensor, usize, &Tensor, &mut RecordedNoise) -> (Tensor, Tensor),
+) {
+    let (mut noise, n_draws) = case.recorded_noise();
+    run_steps(case, |mo, t, x| step(mo, t, x, &mut noise));
+    assert_eq!(
+        (noise.used(), noise.remaining()),
+        (n_draws, 0),
+        "{}: every recorded draw is consumed, in order",
+        case.name
+    );
+}
+
 fn cog_ddim_case(name: &str) {
     let case = Case::load(name);
     let cfg = CogVideoXSchedulerConfig::load(&case.config_path()).unwrap();
     let mut s = CogVideoXDDIMScheduler::new(cfg).unwrap();
     let rescaled = s.config().rescale_betas_zero_snr;
-    check_table(
-        name,
-        s.alphas_cumprod(),
-        &case.alphas_cumprod(),
-        !rescaled,
-        false,
-    );
-    s.set_timesteps(case.n_steps()).unwrap();
+    prepare(&case, &mut s, rescaled, false);
     assert_eq!(s.timesteps(), case.timesteps().as_slice());
     run_steps(&case, |mo, t, x| s.step_with_x0(mo, t, x).unwrap());
     // DDIM draws no noise: an empty recording must suffice.
@@ -248,20 +264,11 @@ fn cogvideox_ddim_2b_n7_prev_timestep_quirk() {
 
 #[test]
 fn cogvideox_dpm_5b_n5() {
-    let name = "scheduler_dpm_5b_n5";
-    let case = Case::load(name);
+    let case = Case::load("scheduler_dpm_5b_n5");
     let cfg = CogVideoXSchedulerConfig::load(&case.config_path()).unwrap();
     let mut s = CogVideoXDPMScheduler::new(cfg).unwrap();
     let rescaled = s.config().rescale_betas_zero_snr;
-    check_table(
-        name,
-        s.alphas_cumprod(),
-        &case.alphas_cumprod(),
-        !rescaled,
-        false,
-    );
-    s.set_timesteps(case.n_steps()).unwrap();
-    let (mut noise, n_draws) = case.recorded_noise();
+    prepare(&case, &mut s, rescaled, false);
     // Draws per step: 1, 2, ..., 2, 1.
     let per_step: Vec<u64> = case.meta["steps"]
         .as_array()
@@ -270,15 +277,7 @@ fn cogvideox_dpm_5b_n5() {
         .map(|s| s["noise_draws"].as_u64().unwrap())
         .collect();
     assert_eq!(per_step, [1, 2, 2, 2, 1]);
-    run_steps(&case, |mo, t, x| {
-        s.step_with_x0(mo, t, x, &mut noise).unwrap()
-    });
-    assert_eq!(
-        noise.used(),
-        n_draws,
-        "every recorded draw is consumed, in order"
-    );
-    assert_eq!(noise.remaining(), 0);
+    run_recorded(&case, |mo, t, x, z| s.step_with_x0(mo, t, x, z).unwrap());
 
     // Through the trait, and again after set_timesteps resets the multistep state.
     let (mut noise, _) = case.recorded_noise();
@@ -293,19 +292,8 @@ fn ddim_plain(name: &str) {
     let eta = case.meta["eta"].as_f64().unwrap();
     let mut s = DDIMScheduler::new(cfg).unwrap().with_eta(eta).unwrap();
     let rescaled = s.config().rescale_betas_zero_snr;
-    check_table(
-        name,
-        s.alphas_cumprod(),
-        &case.alphas_cumprod(),
-        !rescaled,
-        true,
-    );
-    s.set_timesteps(case.n_steps()).unwrap();
-    let (mut noise, n_draws) = case.recorded_noise();
-    run_steps(&case, |mo, t, x| {
-        s.step_with_x0(mo, t, x, &mut noise).unwrap()
-    });
-    assert_eq!((noise.used(), noise.remaining()), (n_draws, 0));
+    prepare(&case, &mut s, rescaled, true);
+    run_recorded(&case, |mo, t, x, z| s.step_with_x0(mo, t, x, z).unwrap());
     check_forward(&case, &s);
     if eta == 0.0 {
         run_trait(&case, &mut RecordedNoise::default());
@@ -347,11 +335,7 @@ fn ddpm(name: &str) {
         check_table(name, s.alphas_cumprod(), &want, !rescaled, true);
     }
     s.set_timesteps(case.n_steps()).unwrap();
-    let (mut noise, n_draws) = case.recorded_noise();
-    run_steps(&case, |mo, t, x| {
-        s.step_with_x0(mo, t, x, &mut noise).unwrap()
-    });
-    assert_eq!((noise.used(), noise.remaining()), (n_draws, 0));
+    run_recorded(&case, |mo, t, x, z| s.step_with_x0(mo, t, x, z).unwrap());
     check_forward(&case, &s);
     let (mut noise, _) = case.recorded_noise();
     run_trait(&case, &mut noise);

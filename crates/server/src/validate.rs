@@ -4,6 +4,7 @@
 
 use crate::job::Params;
 use serde_json::{Map, Value};
+use std::fmt;
 
 /// The fields `POST /v1/videos` accepts (diffusers' call parameters); anything else is refused.
 pub const FIELDS: &[&str] = &[
@@ -177,6 +178,107 @@ fn get_str<'a>(obj: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, 
     }
 }
 
+/// A rule a numeric field must keep. A value that breaks it is refused with
+/// "`{field} must be {rule}, got {value}`", the rule as [`Rule::describe`] states it.
+trait Rule<T> {
+    fn holds(&self, v: T) -> bool;
+    /// The rule as the error message states it; `v` is the refused value (for examples).
+    fn describe(&self, v: T) -> String;
+}
+
+/// `lo <= v <= hi`.
+struct Between<T>(T, T);
+
+impl<T: PartialOrd + fmt::Display> Rule<T> for Between<T> {
+    fn holds(&self, v: T) -> bool {
+        self.0 <= v && v <= self.1
+    }
+    fn describe(&self, _: T) -> String {
+        format!("between {} and {}", self.0, self.1)
+    }
+}
+
+/// `lo < v <= hi`.
+struct AboveAtMost<T>(T, T);
+
+impl<T: PartialOrd + fmt::Display> Rule<T> for AboveAtMost<T> {
+    fn holds(&self, v: T) -> bool {
+        self.0 < v && v <= self.1
+    }
+    fn describe(&self, _: T) -> String {
+        format!("in ({}, {}]", self.0, self.1)
+    }
+}
+
+/// `m * k` for some `k >= 1`.
+struct PositiveMultipleOf(u64);
+
+impl Rule<u64> for PositiveMultipleOf {
+    fn holds(&self, v: u64) -> bool {
+        v > 0 && v.is_multiple_of(self.0)
+    }
+    fn describe(&self, _: u64) -> String {
+        format!("a positive multiple of {}", self.0)
+    }
+}
+
+/// `m * k + 1` for some `k >= 0`; the message gives the two nearest such values.
+struct MultiplePlusOne(u64);
+
+impl Rule<u64> for MultiplePlusOne {
+    fn holds(&self, v: u64) -> bool {
+        v > 0 && (v - 1).is_multiple_of(self.0)
+    }
+    fn describe(&self, v: u64) -> String {
+        let m = self.0;
+        let below = v.saturating_sub(1) / m * m + 1;
+        // The next one may be past u64::MAX: state it all the same.
+        format!(
+            "{m}k+1 (e.g. {below}, {})",
+            u128::from(below) + u128::from(m)
+        )
+    }
+}
+
+/// A request body's fields, read and checked against their rules (absent or null: the default).
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn uint(&self, k: &str, default: usize, rule: impl Rule<u64>) -> Result<u64, FieldError> {
+        check(k, get_uint(self.0, k)?.unwrap_or(default as u64), rule)
+    }
+
+    fn num(&self, k: &str, default: f64, rule: impl Rule<f64>) -> Result<f64, FieldError> {
+        check(k, get_num(self.0, k)?.unwrap_or(default), rule)
+    }
+}
+
+fn check<T: Copy + fmt::Display>(k: &str, v: T, rule: impl Rule<T>) -> Result<T, FieldError> {
+    if rule.holds(v) {
+        return Ok(v);
+    }
+    let rule = rule.describe(v);
+    Err(FieldError::new(k, format!("{k} must be {rule}, got {v}")))
+}
+
+/// `v <= max`, else "`{what} is over this server's limit of {max} ({flag})`" on field `k`.
+fn within_limit(
+    k: &str,
+    v: u64,
+    max: usize,
+    flag: &str,
+    what: impl FnOnce() -> String,
+) -> Result<(), FieldError> {
+    if v <= max as u64 {
+        return Ok(());
+    }
+    let what = what();
+    Err(FieldError::new(
+        k,
+        format!("{what} is over this server's limit of {max} ({flag})"),
+    ))
+}
+
 /// A value for an error message, cut short.
 fn short(v: &Value) -> String {
     let s = v.to_string();
@@ -227,73 +329,35 @@ pub fn validate(
         }
     }
 
-    let tc = model.temporal_compression.max(1);
-    let num_frames = get_uint(&obj, "num_frames")?.unwrap_or(model.default_frames as u64);
-    if num_frames == 0 || (num_frames - 1) % tc as u64 != 0 {
-        let k = num_frames.saturating_sub(1) / tc as u64;
-        return Err(FieldError::new(
-            "num_frames",
-            format!(
-                "num_frames must be {tc}k+1 (e.g. {}, {}), got {num_frames}",
-                tc as u64 * k + 1,
-                tc as u64 * (k + 1) + 1
-            ),
-        ));
-    }
-    if num_frames > limits.max_frames as u64 {
-        return Err(FieldError::new(
-            "num_frames",
-            format!(
-                "num_frames {num_frames} is over this server's limit of {} (max_frames)",
-                limits.max_frames
-            ),
-        ));
-    }
+    let tc = model.temporal_compression.max(1) as u64;
     let m = model.size_multiple.max(1) as u64;
-    let mut size = [0u64; 2];
-    for (i, (k, default)) in [
-        ("height", model.default_height),
-        ("width", model.default_width),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let v = get_uint(&obj, k)?.unwrap_or(default as u64);
-        if v == 0 || v % m != 0 {
-            return Err(FieldError::new(
-                k,
-                format!("{k} must be a positive multiple of {m}, got {v}"),
-            ));
-        }
-        size[i] = v;
-    }
-    let [height, width] = size;
-    if height.saturating_mul(width) > limits.max_pixels as u64 {
-        let k = if height >= width { "height" } else { "width" };
-        return Err(FieldError::new(
-            k,
-            format!(
-                "height x width = {height} x {width} = {} pixels is over this server's limit of {} (max_pixels)",
-                height * width,
-                limits.max_pixels
-            ),
-        ));
-    }
     let max_steps = limits.max_steps.min(model.num_train_timesteps) as u64;
-    let steps = get_uint(&obj, "num_inference_steps")?.unwrap_or(model.default_steps as u64);
-    if steps == 0 || steps > max_steps {
-        return Err(FieldError::new(
-            "num_inference_steps",
-            format!("num_inference_steps must be between 1 and {max_steps}, got {steps}"),
-        ));
-    }
-    let guidance_scale = get_num(&obj, "guidance_scale")?.unwrap_or(model.default_guidance_scale);
-    if !(0.0..=50.0).contains(&guidance_scale) {
-        return Err(FieldError::new(
-            "guidance_scale",
-            format!("guidance_scale must be between 0 and 50, got {guidance_scale}"),
-        ));
-    }
+    let f = Fields(&obj);
+    let num_frames = f.uint("num_frames", model.default_frames, MultiplePlusOne(tc))?;
+    within_limit(
+        "num_frames",
+        num_frames,
+        limits.max_frames,
+        "max_frames",
+        || format!("num_frames {num_frames}"),
+    )?;
+    let height = f.uint("height", model.default_height, PositiveMultipleOf(m))?;
+    let width = f.uint("width", model.default_width, PositiveMultipleOf(m))?;
+    let pixels = height.saturating_mul(width);
+    let k = if height >= width { "height" } else { "width" };
+    within_limit(k, pixels, limits.max_pixels, "max_pixels", || {
+        format!("height x width = {height} x {width} = {pixels} pixels")
+    })?;
+    let steps = f.uint(
+        "num_inference_steps",
+        model.default_steps,
+        Between(1, max_steps),
+    )?;
+    let guidance = f.num(
+        "guidance_scale",
+        model.default_guidance_scale,
+        Between(0.0, 50.0),
+    )?;
     let use_dynamic_cfg = match obj.get("use_dynamic_cfg") {
         None | Some(Value::Null) => model.default_use_dynamic_cfg,
         Some(Value::Bool(b)) => *b,
@@ -305,13 +369,7 @@ pub fn validate(
         }
     };
     let seed = get_uint(&obj, "seed")?.unwrap_or(seed);
-    let fps = get_num(&obj, "fps")?.unwrap_or(model.default_fps as f64);
-    if !(fps > 0.0 && fps <= 120.0) {
-        return Err(FieldError::new(
-            "fps",
-            format!("fps must be in (0, 120], got {fps}"),
-        ));
-    }
+    let fps = f.num("fps", model.default_fps.into(), AboveAtMost(0.0, 120.0))?;
     let params = Params {
         prompt: prompt.to_string(),
         negative_prompt: negative_prompt.to_string(),
@@ -319,7 +377,7 @@ pub fn validate(
         height: height as usize,
         width: width as usize,
         num_inference_steps: steps as usize,
-        guidance_scale,
+        guidance_scale: guidance,
         use_dynamic_cfg,
         seed,
         fps: fps as f32,
@@ -413,100 +471,99 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named_with_its_rule() {
-        let cases: &[(&str, &str, &str)] = &[
+        // (body, field named, rule stated)
+        let whole: &[(&str, &str, &str)] = &[
             ("{}", "prompt", "required"),
             (r#"{"prompt": "  "}"#, "prompt", "must not be empty"),
             (r#"{"prompt": 3}"#, "prompt", "must be a string"),
-            (
-                r#"{"prompt": "a", "num_frames": 10}"#,
-                "num_frames",
-                "must be 4k+1 (e.g. 9, 13), got 10",
-            ),
-            (r#"{"prompt": "a", "num_frames": 0}"#, "num_frames", "4k+1"),
-            (
-                r#"{"prompt": "a", "num_frames": -5}"#,
-                "num_frames",
-                "non-negative integer",
-            ),
-            (
-                r#"{"prompt": "a", "num_frames": 9.5}"#,
-                "num_frames",
-                "non-negative integer",
-            ),
-            (
-                r#"{"prompt": "a", "num_frames": 165}"#,
-                "num_frames",
-                "limit of 161 (max_frames)",
-            ),
-            (
-                r#"{"prompt": "a", "height": 40}"#,
-                "height",
-                "multiple of 16, got 40",
-            ),
-            (
-                r#"{"prompt": "a", "width": "wide"}"#,
-                "width",
-                "non-negative integer",
-            ),
-            (
-                r#"{"prompt": "a", "height": 2048, "width": 1024}"#,
-                "height",
-                "max_pixels",
-            ),
-            (
-                r#"{"prompt": "a", "num_inference_steps": 0}"#,
-                "num_inference_steps",
-                "between 1 and 200",
-            ),
-            (
-                r#"{"prompt": "a", "num_inference_steps": 201}"#,
-                "num_inference_steps",
-                "between 1 and 200",
-            ),
-            (
-                r#"{"prompt": "a", "guidance_scale": -1}"#,
-                "guidance_scale",
-                "between 0 and 50",
-            ),
-            (
-                r#"{"prompt": "a", "guidance_scale": "high"}"#,
-                "guidance_scale",
-                "must be a number",
-            ),
-            (
-                r#"{"prompt": "a", "seed": -1}"#,
-                "seed",
-                "non-negative integer",
-            ),
-            (r#"{"prompt": "a", "fps": 0}"#, "fps", "(0, 120]"),
-            (
-                r#"{"prompt": "a", "use_dynamic_cfg": 1}"#,
-                "use_dynamic_cfg",
-                "true or false",
-            ),
-            (
-                r#"{"prompt": "a", "output_path": "/etc/passwd"}"#,
-                "output_path",
-                "unknown field",
-            ),
             (r#"[1, 2]"#, "body", "JSON object"),
             (r#"{"prompt": "a""#, "body", "not valid JSON"),
         ];
-        for (body, param, rule) in cases {
-            let e = err(body);
-            assert_eq!(&e.param, param, "{body}: {e:?}");
+        // (fields after `"prompt": "a"`, rule stated): the first field is the one named.
+        let after_prompt: &[(&str, &str)] = &[
+            (r#""num_frames": 10"#, "must be 4k+1 (e.g. 9, 13), got 10"),
+            (r#""num_frames": 0"#, "4k+1"),
+            (r#""num_frames": -5"#, "non-negative integer"),
+            (r#""num_frames": 9.5"#, "non-negative integer"),
+            (r#""num_frames": 165"#, "limit of 161 (max_frames)"),
+            (r#""height": 40"#, "multiple of 16, got 40"),
+            (r#""width": "wide""#, "non-negative integer"),
+            (r#""height": 2048, "width": 1024"#, "max_pixels"),
+            (r#""num_inference_steps": 0"#, "between 1 and 200"),
+            (r#""num_inference_steps": 201"#, "between 1 and 200"),
+            (r#""guidance_scale": -1"#, "between 0 and 50"),
+            (r#""guidance_scale": "high""#, "must be a number"),
+            (r#""seed": -1"#, "non-negative integer"),
+            (r#""fps": 0"#, "(0, 120]"),
+            (r#""use_dynamic_cfg": 1"#, "true or false"),
+            (r#""output_path": "/etc/passwd""#, "unknown field"),
+        ];
+        let bodies = after_prompt.iter().map(|(fields, rule)| {
+            let param = fields.split('"').nth(1).unwrap();
+            (format!(r#"{{"prompt": "a", {fields}}}"#), param, *rule)
+        });
+        let whole = whole
+            .iter()
+            .map(|&(body, param, rule)| (body.to_string(), param, rule));
+        for (body, param, rule) in whole.chain(bodies) {
+            let e = err(&body);
+            assert_eq!(e.param, param, "{body}: {e:?}");
             assert!(
                 e.message.contains(rule),
                 "{body}: {:?} lacks {rule:?}",
                 e.message
             );
             assert!(
-                e.message.contains(param) || *param == "body",
+                e.message.contains(param) || param == "body",
                 "{body}: {e:?}"
             );
         }
         let long = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(2001));
         assert!(err(&long).message.contains("max_prompt_chars"));
+    }
+
+    #[test]
+    fn huge_values_are_refused_without_overflow() {
+        let max = u64::MAX;
+        let e = err(&format!(r#"{{"prompt": "a", "num_frames": {max}}}"#));
+        assert_eq!(
+            e.message,
+            format!(
+                "num_frames must be 4k+1 (e.g. {}, {}), got {max}",
+                max - 2,
+                max as u128 + 2
+            )
+        );
+        let e = err(r#"{"prompt": "a", "height": 4294967296, "width": 4294967296}"#);
+        assert_eq!(e.param, "height");
+        assert!(
+            e.message.contains(&format!("= {max} pixels")) && e.message.contains("(max_pixels)"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn range_bounds_are_inclusive_where_the_rule_says() {
+        let body =
+            r#"{"prompt": "a", "num_inference_steps": 200, "guidance_scale": 50, "fps": 120}"#;
+        let p = check(body).unwrap();
+        assert_eq!(
+            (p.num_inference_steps, p.guidance_scale, p.fps),
+            (200, 50.0, 120.0)
+        );
+        let body = r#"{"prompt": "a", "num_inference_steps": 1, "guidance_scale": 0, "fps": 0.5}"#;
+        let p = check(body).unwrap();
+        assert_eq!(
+            (p.num_inference_steps, p.guidance_scale, p.fps),
+            (1, 0.0, 0.5)
+        );
+        let e = err(r#"{"prompt": "a", "guidance_scale": 50.5}"#);
+        assert_eq!(
+            e.message,
+            "guidance_scale must be between 0 and 50, got 50.5"
+        );
+        let e = err(r#"{"prompt": "a", "fps": 120.25}"#);
+        assert_eq!(e.message, "fps must be in (0, 120], got 120.25");
     }
 
     #[test]

@@ -169,6 +169,7 @@ impl Default for DataConfig {
                     frames,
                     weight: ws * wl,
                     batch_size: None,
+                    from_step: None,
                 });
             }
         }
@@ -379,6 +380,12 @@ impl TrainConfig {
         }
         if self.data.buckets.iter().all(|b| b.weight == 0.0) {
             return bad("data.buckets", "every bucket has weight 0".into());
+        }
+        if self.data.buckets.iter().all(|b| b.weight_at(0) == 0.0) {
+            return bad(
+                "data.buckets",
+                "no bucket with weight > 0 starts at step 0 (from_step)".into(),
+            );
         }
         let o = &self.optim;
         let finite_pos = |x: f64| x.is_finite() && x > 0.0;

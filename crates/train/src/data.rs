@@ -29,6 +29,10 @@ pub struct Bucket {
     /// Clips per batch from this bucket (default: the run's `batch_size`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
+    /// The first optimiser step that draws from this bucket (default 0): a curriculum, e.g.
+    /// images alone first, videos added once the spatial path has learned colour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_step: Option<u64>,
 }
 
 impl Bucket {
@@ -57,6 +61,15 @@ impl Bucket {
             return Err("batch_size must be at least 1, found 0".into());
         }
         Ok(())
+    }
+
+    /// This bucket's weight at optimiser step `step` (0 before `from_step`).
+    pub fn weight_at(&self, step: u64) -> f64 {
+        if step >= self.from_step.unwrap_or(0) {
+            self.weight
+        } else {
+            0.0
+        }
     }
 
     /// `WxHxF`, for logs.
@@ -121,7 +134,7 @@ pub fn batches_for_step(
     dev: &Device,
 ) -> Result<Vec<Batch>> {
     let mut rng = step_rng(seed, "data", step);
-    let weights: Vec<f64> = data.buckets.iter().map(|b| b.weight).collect();
+    let weights: Vec<f64> = data.buckets.iter().map(|b| b.weight_at(step)).collect();
     (0..grad_accum)
         .map(|micro| {
             let bi = weighted_choice(&weights, &mut rng);
@@ -229,6 +242,7 @@ mod tests {
             frames: 9,
             weight: 1.0,
             batch_size: None,
+            from_step: None,
         };
         let (px, caps) = render_clips(&d, 5, &b, &[7, 123456789], &Device::Cpu).unwrap();
         assert_eq!(px.dims(), &[2, 3, 9, 64, 96]);
@@ -286,6 +300,27 @@ mod tests {
         assert_eq!(counts[1], 0);
         let frac = counts[2] as f64 / 4000.0;
         assert!((frac - 0.75).abs() < 0.03, "{counts:?}");
+    }
+
+    #[test]
+    fn buckets_join_at_their_from_step() {
+        let mut d = cfg();
+        d.buckets.truncate(2);
+        d.buckets[0].frames = 1;
+        d.buckets[1].frames = 9;
+        d.buckets[1].from_step = Some(5);
+        let frames_at = |step| {
+            batches_for_step(&d, 0, 0, 1, 2, step, &Device::Cpu)
+                .unwrap()
+                .iter()
+                .map(|b| b.frames)
+                .collect::<Vec<_>>()
+        };
+        for step in 0..5 {
+            assert_eq!(frames_at(step), [1, 1], "step {step}");
+        }
+        let later: Vec<usize> = (5..25).flat_map(frames_at).collect();
+        assert!(later.contains(&9) && later.contains(&1), "{later:?}");
     }
 
     #[test]

@@ -257,6 +257,7 @@ impl VaeStage {
             frames: 17,
             weight: 1.0,
             batch_size: None,
+            from_step: None,
         };
         let mut rng = crate::data::step_rng(self.run.seed, "vae-scaling", 0);
         let (mut sum, mut sum2, mut n) = (0f64, 0f64, 0usize);
@@ -403,6 +404,7 @@ mod tests {
             frames: 9,
             weight: 1.0,
             batch_size: None,
+            from_step: None,
         }];
         cfg.optim.lr = 3e-3;
         cfg.optim.warmup_steps = 1;
@@ -617,6 +619,7 @@ mod trial {
             frames,
             weight: 1.0,
             batch_size: None,
+            from_step: None,
         };
         let mut total = 0.0;
         for i in 0..n {

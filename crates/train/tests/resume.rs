@@ -29,6 +29,7 @@ fn bucket(
         frames,
         weight,
         batch_size,
+        from_step: None,
     }
 }
 

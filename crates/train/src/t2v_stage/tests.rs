@@ -85,6 +85,7 @@ fn tiny_config(vae_dir: &Path, out: &Path) -> TrainConfig {
             frames: 9,
             weight: 1.0,
             batch_size: None,
+            from_step: None,
         },
         Bucket {
             width: 32,
@@ -92,6 +93,7 @@ fn tiny_config(vae_dir: &Path, out: &Path) -> TrainConfig {
             frames: 1,
             weight: 1.0,
             batch_size: Some(4),
+            from_step: None,
         },
     ];
     cfg.optim.lr = 3e-3;
