@@ -1,5 +1,7 @@
 //! `vdit generate`: text-to-video from a diffusers-format folder, and with one of
-//! - `--image PATH` (PNG/JPEG): image-to-video (an image-to-video checkpoint, in_channels 2 x latent);
+//! - `--image PATH` (PNG/JPEG): image-to-video: an image-to-video checkpoint (in_channels 2 x
+//!   latent) takes it on its image channels; a text-to-video model (the default model included)
+//!   takes it as latent frame 0 by latent replacement (vdit_pipeline::image_condition);
 //! - `--video PATH --strength S` (MP4/GIF/PNG-frame directory): video-to-video;
 //! - `--extend PATH --direction forward|backward --num-frames N`: N new frames after (before) the
 //!   clip, by latent replacement (works with text-to-video models; see vdit_pipeline::extend).
@@ -279,8 +281,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let job = match input {
         Input::Text => Job::Text,
         Input::Image(img) => {
-            pipe.check_image_to_video()?;
             let path = args.media.image.as_deref().expect("image input");
+            if !pipe.is_image_to_video() {
+                eprintln!(
+                    "note: {} is a text-to-video model: the image becomes the first frame by latent replacement (vdit_pipeline::image_condition)",
+                    model.display()
+                );
+            }
             let (img, note) = vdit_video::fit(&img, width as u32, height as u32);
             if let Some(n) = note {
                 eprintln!("note: {}: {n}", path.display());
@@ -377,7 +384,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         Job::Image(image) => {
             let mut r = ImageToVideoRequest::new(req, image);
             r.image_noise_sigma = args.media.image_noise_sigma;
-            let out = pipe.image_to_video(r, &mut observer)?;
+            let out = if pipe.is_image_to_video() {
+                pipe.image_to_video(r, &mut observer)?
+            } else {
+                pipe.image_to_video_by_replacement(r, &mut observer)?
+            };
             (out.latents, out.frames, out.num_frames)
         }
         Job::Video(video) => {

@@ -269,6 +269,50 @@ fn extension_keeps_the_clip_in_both_directions() {
 }
 
 #[test]
+fn text_to_video_models_take_an_image_by_latent_replacement() {
+    let dir = tmpdir("t2v-image");
+    let s = setup("pipeline_v2v_like", &dir, 2);
+    let frames = rgb8_frames(&s.inputs["video_u8"]);
+    let clip = dir.join("clip");
+    write_png_dir(&clip, frames.clone(), 32, 32);
+    let png = clip.join("frame_000.png");
+    let out = dir.join("i2v.safetensors");
+    let err = run_ok(
+        s.cmd()
+            .arg("--image")
+            .arg(&png)
+            .args(["--num-frames", "9", "--output-type", "latent", "--output"])
+            .arg(&out),
+    );
+    assert!(err.contains("latent replacement"), "{err}");
+    let got = load_tensors(&out).unwrap();
+    // The same as the library call with the CLI's request.
+    let image = vdit_pipeline::rgb8_to_frames(&frames[..1], 32, 32, &Device::Cpu)
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
+    let mut req = s.request(2);
+    req.num_frames = Some(9);
+    let want = s
+        .pipe()
+        .image_to_video_by_replacement(ImageToVideoRequest::new(req, image), &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_close(
+        "cli t2v+image latents",
+        &got["latents"],
+        &want.latents,
+        1e-6,
+    );
+    // As a video: 9 frames at the model's size.
+    let gif = dir.join("i2v.gif");
+    run_ok(s.cmd().arg("--image").arg(&png).arg("--output").arg(&gif));
+    let v = vdit_video::read_video(&gif).unwrap();
+    assert_eq!((v.frames.len(), v.width, v.height), (9, 32, 32));
+}
+
+#[test]
 fn bad_media_flags_give_clear_errors() {
     let dir = tmpdir("errors");
     let t2v = setup("pipeline_v2v_like", &dir, 2);
@@ -295,10 +339,10 @@ fn bad_media_flags_give_clear_errors() {
         }
         c
     };
-    // An image for a text-to-video model.
+    // An image for a text-to-video model (latent replacement) at a frame count it cannot window.
     check(
-        with(&t2v, &[&"--image", &png]),
-        &["cannot take an image", "in_channels 4"],
+        with(&t2v, &[&"--image", &png, &"--num-frames", &"13"]),
+        &["window of 13 frames", "odd"],
     );
     // A text-to-video run on an image-to-video model.
     check(

@@ -121,6 +121,9 @@ pub struct ExtendOutput {
     /// N, the frames added.
     pub added: usize,
     pub chunks: Vec<ExtendChunk>,
+    /// The last window decoded whole `[1, Fw, 3, H, W]` (its context frames as the VAE
+    /// reconstructs them, then its new frames).
+    pub last_window: Tensor,
 }
 
 /// The window geometry of an extension.
@@ -218,6 +221,7 @@ impl CogVideoXPipeline {
 
         let mut clip = video;
         let mut chunks = Vec::with_capacity(windows);
+        let mut last_window = None;
         let mut remaining = added;
         for wi in 0..windows {
             let _span = tracing::info_span!("window", wi).entered();
@@ -314,6 +318,7 @@ impl CogVideoXPipeline {
                 Direction::Backward => Tensor::cat(&[&new, &clip], 1)?,
             };
             remaining -= take;
+            last_window = Some(decoded);
             chunks.push(ExtendChunk {
                 known,
                 known_latents,
@@ -327,6 +332,7 @@ impl CogVideoXPipeline {
             frames: clip,
             added,
             chunks,
+            last_window: last_window.ok_or_else(|| Error::Msg("extension ran no window".into()))?,
         })
     }
 

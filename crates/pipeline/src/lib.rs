@@ -14,6 +14,7 @@
 mod common;
 pub mod defaults;
 pub mod extend;
+pub mod image_condition;
 pub mod image_to_video;
 pub mod text_to_video;
 pub mod video_to_video;

@@ -384,3 +384,75 @@ fn bad_extension_requests_name_the_problem() {
         }
     }
 }
+
+#[test]
+fn text_to_video_models_take_an_image_as_latent_zero() {
+    use vdit_pipeline::ImageToVideoRequest;
+    let (mut pipe, pe, ne, clip) = setup("pipeline_v2v_like");
+    let sf = pipe.vae.config().scaling_factor;
+    let image = clip.i((0, 4)).unwrap().contiguous().unwrap(); // [3, H, W], frame 4
+    let mut events = 0;
+    let out = pipe
+        .image_to_video_by_replacement(
+            ImageToVideoRequest::new(request(&pe, &ne, Some(9), 3), image.clone()),
+            &mut |_| {
+                events += 1;
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap();
+    assert!(events > 0);
+    let f = out.frames.unwrap();
+    assert_eq!(f.dims(), [1, 9, 3, 32, 32]);
+    assert_eq!(out.num_frames, 9);
+    // Latent 0 is exactly the image's scaled posterior mean ...
+    let x = image
+        .affine(2.0, -1.0)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .unsqueeze(2)
+        .unwrap();
+    let mean = pipe.vae.encode(&x).unwrap().mean; // [1, C, 1, h, w]
+    let want = (mean.permute((0, 2, 1, 3, 4)).unwrap() * sf).unwrap();
+    assert_eq!(out.latents.dim(1).unwrap(), 3);
+    assert_close("latent 0", &frames(&out.latents, 0, 1), &want, 1e-6);
+    // ... and the frames are the whole window decoded (frame 0 included: not the given pixels).
+    let decoded = pipe.decode_latents(&out.latents).unwrap();
+    assert_close("frames", &f, &decoded, 1e-6);
+    // The other frames depend on the image.
+    let other = pipe
+        .image_to_video_by_replacement(
+            ImageToVideoRequest::new(request(&pe, &ne, Some(9), 3), (1.0 - &image).unwrap()),
+            &mut |_| ControlFlow::Continue(()),
+        )
+        .unwrap();
+    let d = max_abs_diff(&frames(&other.frames.unwrap(), 1, 8), &frames(&f, 1, 8)).unwrap();
+    assert!(d > 0.05, "frames ignore the image (max diff {d})");
+    // Errors name the problem: image noise options, a batch of images, an I2V checkpoint.
+    let mut r = ImageToVideoRequest::new(request(&pe, &ne, Some(9), 3), image.clone());
+    r.image_noise_sigma = Some(0.1);
+    let e = pipe
+        .image_to_video_by_replacement(r, &mut |_| ControlFlow::Continue(()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("image_noise_sigma"), "{e}");
+    let two = Tensor::stack(&[&image, &image], 0).unwrap();
+    let e = pipe
+        .image_to_video_by_replacement(
+            ImageToVideoRequest::new(request(&pe, &ne, Some(9), 3), two),
+            &mut |_| ControlFlow::Continue(()),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("one RGB image"), "{e}");
+    let (mut i2v, pe, ne, _) = setup("pipeline_i2v_5b_like");
+    let e = i2v
+        .image_to_video_by_replacement(
+            ImageToVideoRequest::new(request(&pe, &ne, None, 3), image),
+            &mut |_| ControlFlow::Continue(()),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("image_to_video"), "{e}");
+}
