@@ -79,7 +79,7 @@ pub struct EvalVaeArgs {
     pub out: Option<PathBuf>,
 }
 
-fn model_dir(m: &Option<PathBuf>) -> Result<PathBuf> {
+pub(crate) fn model_dir(m: &Option<PathBuf>) -> Result<PathBuf> {
     match m.clone().or_else(crate::generate::default_model) {
         Some(m) => Ok(m),
         None => bail!(
@@ -88,7 +88,7 @@ fn model_dir(m: &Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
-fn check_counts(count: u64, batch: usize) -> Result<()> {
+pub(crate) fn check_counts(count: u64, batch: usize) -> Result<()> {
     if count == 0 {
         bail!("invalid --count: expected at least 1, found 0");
     }
@@ -98,16 +98,23 @@ fn check_counts(count: u64, batch: usize) -> Result<()> {
     Ok(())
 }
 
+/// Loads a model folder for evaluation: f32 on the default device, the text encoder kept
+/// between batches.
+pub(crate) fn load_pipeline(model: &Path) -> Result<CogVideoXPipeline> {
+    let dev = vdit_core::device::default_device()?;
+    let mut pipe = CogVideoXPipeline::load(model, DType::F32, &dev)
+        .with_context(|| format!("loading model {}", model.display()))?;
+    pipe.text_encoder_policy = vdit_pipeline::TextEncoderPolicy::Keep;
+    Ok(pipe)
+}
+
 /// Generates and scores `count` clips of a split.
 pub fn run_model(a: EvalModelArgs) -> Result<()> {
     check_counts(a.count, a.batch)?;
     let split: Split = a.split.parse()?;
     let model = model_dir(&a.model)?;
-    let dev = vdit_core::device::default_device()?;
     let t0 = Instant::now();
-    let mut pipe = CogVideoXPipeline::load(&model, DType::F32, &dev)
-        .with_context(|| format!("loading model {}", model.display()))?;
-    pipe.text_encoder_policy = vdit_pipeline::TextEncoderPolicy::Keep;
+    let mut pipe = load_pipeline(&model)?;
     let defaults = pipe.defaults.clone();
     let probe = GenerateRequest {
         num_frames: a.num_frames,
@@ -223,7 +230,7 @@ pub fn run_model(a: EvalModelArgs) -> Result<()> {
     write_report(&a.out, report.to_json())
 }
 
-fn write_report(out: &Option<PathBuf>, json: serde_json::Value) -> Result<()> {
+pub(crate) fn write_report(out: &Option<PathBuf>, json: serde_json::Value) -> Result<()> {
     if let Some(out) = out {
         std::fs::write(out, serde_json::to_string_pretty(&json)? + "\n")
             .with_context(|| format!("writing {}", out.display()))?;

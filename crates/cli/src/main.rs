@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod eval_model;
+mod eval_modes;
 mod generate;
 mod serve;
 mod train_cmd;

@@ -5,6 +5,7 @@
 //! vdit world bench --count 1000 [--width 64 --height 64 --frames 17]
 //! vdit world parse "a small red circle moving quickly left on a black background"
 //! vdit eval world --videos data/val-comp [--out report.json]
+//! vdit eval modes --model DIR --split val-iid --count 100 --out report.json  (see eval_modes)
 //! ```
 
 use anyhow::Context;
@@ -115,6 +116,8 @@ enum EvalCommand {
     Model(crate::eval_model::EvalModelArgs),
     /// Reconstruct a split's clips through a model's VAE: PSNR and scorer accuracy.
     Vae(crate::eval_model::EvalVaeArgs),
+    /// Image-to-video, extension and video-to-video with a model, scored on a split's clips.
+    Modes(crate::eval_modes::EvalModesArgs),
 }
 
 #[derive(Args)]
@@ -198,6 +201,7 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         EvalCommand::World(a) => eval_world(a),
         EvalCommand::Model(a) => crate::eval_model::run_model(a),
         EvalCommand::Vae(a) => crate::eval_model::run_vae(a),
+        EvalCommand::Modes(a) => crate::eval_modes::run_modes(a),
     }
 }
 
