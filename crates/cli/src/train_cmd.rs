@@ -25,6 +25,10 @@ pub struct TrainArgs {
     /// Override the config's steps.
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Stop with a checkpoint once step N is done, as Ctrl-C would: reproduces a run that was
+    /// interrupted at step N and resumed (e.g. with other --steps; see the model card).
+    #[arg(long, value_name = "N")]
+    pub stop_at: Option<u64>,
     /// Print the full config (defaults filled in) as JSON and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -123,7 +127,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             bar.set_position(p.step);
             bar.set_message(msg);
         }
-        if INTERRUPTED.load(Ordering::SeqCst) {
+        if INTERRUPTED.load(Ordering::SeqCst) || args.stop_at.is_some_and(|n| p.step >= n) {
             Control::Stop
         } else {
             Control::Continue
