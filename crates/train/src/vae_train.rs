@@ -160,6 +160,11 @@ impl Geo {
         self.c * self.rt * self.rh * self.rw
     }
 
+    /// Columns of the stored weight `[O, C·kt·kh·kw]`.
+    fn k_full(&self) -> usize {
+        self.c * self.kt * self.kh * self.kw
+    }
+
     /// Input frame (virtual, before the upsampling map) read by output frame `t` at tap `dt`.
     fn in_frame(&self, t: usize, dt: usize) -> usize {
         if self.causal {
@@ -288,12 +293,6 @@ impl TapBlock {
                 }
             }
         }
-    }
-}
-
-impl Geo {
-    fn k_full(&self) -> usize {
-        self.c * self.kt * self.kh * self.kw
     }
 }
 

@@ -35,30 +35,13 @@ pub const PAD_TOKEN: &str = "<pad>";
 pub const EOS_TOKEN: &str = "</s>";
 pub const UNK_TOKEN: &str = "<unk>";
 
-/// The caption grammar's fixed words (articles, conjunction, background phrase, the still
-/// phrases, the verbs and the speed adverbs); the attribute words come from the world's enums.
-const GRAMMAR_WORDS: &[&str] = &[
-    "a",
-    "an",
-    "and",
-    "on",
-    "background",
-    ",",
-    "standing",
-    "still",
-    "not",
-    "moving",
-    "resting",
-    "sliding",
-    "going",
-    "slowly",
-    "quickly",
-];
-
 /// Every word the Shapes World caption sampler can produce (all splits, both templates), plus
 /// `,`, sorted, deduplicated.
 pub fn world_vocabulary() -> Vec<String> {
-    let mut words: BTreeSet<String> = GRAMMAR_WORDS.iter().map(|w| w.to_string()).collect();
+    let mut words: BTreeSet<String> = vdit_world::caption::GRAMMAR_WORDS
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
     words.extend(Colour::ALL.iter().map(|c| c.name().to_string()));
     words.extend(Shape::ALL.iter().map(|s| s.name().to_string()));
     words.extend(Size::ALL.iter().map(|s| s.name().to_string()));

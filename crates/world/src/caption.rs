@@ -182,26 +182,29 @@ pub fn parse_caption(text: &str) -> Result<ParsedCaption> {
     })
 }
 
+/// The grammar's fixed words (articles, conjunction, background phrase, the still phrases, the
+/// verbs and the speed adverbs); the attribute words are the scene enums' names.
+pub const GRAMMAR_WORDS: &[&str] = &[
+    "a",
+    "an",
+    "and",
+    "on",
+    "background",
+    ",",
+    "standing",
+    "still",
+    "not",
+    "moving",
+    "resting",
+    "sliding",
+    "going",
+    "slowly",
+    "quickly",
+];
+
 /// Every word the grammar knows.
 fn in_vocabulary(w: &str) -> bool {
-    const WORDS: &[&str] = &[
-        "a",
-        "an",
-        "and",
-        "on",
-        "background",
-        ",",
-        "standing",
-        "still",
-        "not",
-        "moving",
-        "resting",
-        "sliding",
-        "going",
-        "slowly",
-        "quickly",
-    ];
-    WORDS.contains(&w)
+    GRAMMAR_WORDS.contains(&w)
         || Colour::from_name(w).is_some()
         || Shape::from_name(w).is_some()
         || Size::from_name(w).is_some()
