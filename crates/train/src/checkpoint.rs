@@ -114,6 +114,21 @@ fn load_tensors(path: &Path, dev: &Device) -> Result<HashMap<String, Tensor>> {
         .map_err(|e| Error::Weights(format!("{}: cannot read: {e}", path.display())))
 }
 
+/// The model weights of the checkpoint folder `dir` (its `model.safetensors`), for fine-tuning.
+pub fn load_model_weights(dir: &Path, dev: &Device) -> Result<HashMap<String, Tensor>> {
+    let p = dir.join("model.safetensors");
+    if !p.is_file() {
+        return Err(Error::invalid(
+            "init_from",
+            format!(
+                "{} is not a checkpoint folder (no model.safetensors); expected <out_dir>/checkpoints/step-N",
+                dir.display()
+            ),
+        ));
+    }
+    load_tensors(&p, dev)
+}
+
 /// Writes a checkpoint for `state.step` and keeps only the newest `keep`. Returns its folder.
 pub fn save(
     out_dir: &Path,

@@ -13,6 +13,7 @@
 //! keep_checkpoints = 2     # newest N kept
 //! plot_every = 50          # redraw loss.png every N steps (and at the end)
 //! allow_unused_vars = false # a var without a gradient is an error (candle's fast ops drop them)
+//! init_from = "runs/t2v/checkpoints/step-00007200"  # fine-tune: start from these weights
 //!
 //! [data]
 //! split = "train"          # Shapes World split the clips come from
@@ -105,6 +106,12 @@ pub struct TrainConfig {
     /// Accept trainable vars that get no gradient. Default false: that is candle's
     /// gradient-dropping trap (STACK.md), so it is an error naming the vars.
     pub allow_unused_vars: bool,
+    /// Fine-tuning: a checkpoint folder (`<out_dir>/checkpoints/step-N` of an earlier run of
+    /// the same model) whose `model.safetensors` gives the starting weights of a fresh run;
+    /// the optimiser, EMA, step count and schedule start anew. Every var must be there with its
+    /// shape. Ignored when resuming (the run's own checkpoint wins). Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
     pub data: DataConfig,
     pub optim: OptimConfig,
     pub ema: EmaConfig,
@@ -126,6 +133,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             plot_every: 50,
             allow_unused_vars: false,
+            init_from: None,
             data: DataConfig::default(),
             optim: OptimConfig::default(),
             ema: EmaConfig::default(),

@@ -18,7 +18,7 @@ use crate::plot::plot_loss;
 use crate::trainable::Trainable;
 use candle_core::{Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vdit_core::{Error, Result};
 
@@ -82,7 +82,34 @@ fn named_tensors(vars: &NamedVars) -> HashMap<String, Tensor> {
         .collect()
 }
 
-/// Trains `model` per `cfg`, from scratch or (with `resume`) from the newest checkpoint in
+/// Sets every var from `tensors` (read from `src`): each must be there with the var's shape, and
+/// no tensor may be left over.
+fn set_vars(vars: &NamedVars, tensors: &HashMap<String, Tensor>, src: &Path) -> Result<()> {
+    let names: std::collections::HashSet<&String> = vars.iter().map(|v| &v.0).collect();
+    for (name, var) in vars {
+        let t = tensors.get(name).ok_or_else(|| {
+            Error::Weights(format!("{}: no tensor for var {name:?}", src.display()))
+        })?;
+        if t.dims() != var.dims() {
+            return Err(Error::Weights(format!(
+                "{}: {name:?} has shape {:?}, the model's var {:?}",
+                src.display(),
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    if let Some(extra) = tensors.keys().find(|k| !names.contains(k)) {
+        return Err(Error::Weights(format!(
+            "{}: tensor {extra:?} matches no var of the model",
+            src.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Trains `model` per `cfg`, from scratch (or from `cfg.init_from`'s weights) or (with `resume`) from the newest checkpoint in
 /// `cfg.out_dir`. `dev` is where batches are built (the model's device).
 pub fn train(
     cfg: &TrainConfig,
@@ -104,12 +131,18 @@ pub fn train(
         )));
     }
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = AdamW::new(&cfg.optim, &vars)?;
-    let mut ema = Ema::new(&cfg.ema, &vars)?;
     let out = &cfg.out_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-
     let existing = checkpoint::latest(out)?;
+    if let (Some(src), None) = (&cfg.init_from, &existing) {
+        // Fine-tuning: before the optimiser and the EMA, which start from these values.
+        let weights = checkpoint::load_model_weights(src, dev)?;
+        set_vars(&vars, &weights, src)?;
+        tracing::info!(from = %src.display(), "starting from the weights of init_from");
+    }
+    let mut opt = AdamW::new(&cfg.optim, &vars)?;
+    let mut ema = Ema::new(&cfg.ema, &vars)?;
+
     let (start, mut log, elapsed0) = match (resume, existing) {
         (false, Some((step, dir))) => {
             return Err(Error::invalid(
@@ -142,27 +175,7 @@ pub fn train(
                     "steps changed on resume: the cosine schedule is stretched from here on"
                 );
             }
-            let names: std::collections::HashSet<&String> = vars.iter().map(|v| &v.0).collect();
-            for (name, var) in &vars {
-                let t = ck.model.get(name).ok_or_else(|| {
-                    Error::Weights(format!("{}: no tensor for var {name:?}", dir.display()))
-                })?;
-                if t.dims() != var.dims() {
-                    return Err(Error::Weights(format!(
-                        "{}: {name:?} has shape {:?}, the model's var {:?}",
-                        dir.display(),
-                        t.dims(),
-                        var.dims()
-                    )));
-                }
-                var.set(&t.to_dtype(var.dtype())?)?;
-            }
-            if let Some(extra) = ck.model.keys().find(|k| !names.contains(k)) {
-                return Err(Error::Weights(format!(
-                    "{}: tensor {extra:?} matches no var of the model",
-                    dir.display()
-                )));
-            }
+            set_vars(&vars, &ck.model, &dir)?;
             opt.load_state(&ck.optimizer, ck.state.adam_step)?;
             match (&mut ema, &ck.ema, ck.state.ema_updates) {
                 (Some(e), Some(t), Some(n)) => e.load_state(t, n)?,

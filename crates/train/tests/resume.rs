@@ -209,3 +209,90 @@ fn the_toy_learns() {
     assert_eq!(img.width(), vdit_train::plot::WIDTH);
     std::fs::remove_dir_all(out).unwrap();
 }
+
+fn weights(dir: &Path, file: &str) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(dir.join(file), &candle_core::Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(
+    a: &std::collections::HashMap<String, candle_core::Tensor>,
+    b: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .map(|(k, x)| {
+            (x - &b[k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn init_from_starts_a_fresh_run_from_a_checkpoints_weights() {
+    // The source run: 5 steps from scratch.
+    let a = tmp("init-src");
+    run(&config(&a, 5), false, &mut |_| Control::Continue).unwrap();
+    let src = final_checkpoint(&a);
+    let src_model = weights(&src, "model.safetensors");
+
+    // A fresh run from those weights, with a learning rate too small to move them: after one
+    // step its weights and EMA are still the source's, and its step count starts at 0.
+    let b = tmp("init-dst");
+    let mut cb = config(&b, 1);
+    cb.init_from = Some(src.clone());
+    cb.optim.lr = 1e-12;
+    cb.optim.min_lr = 1e-12;
+    let sb = run(&cb, false, &mut |_| Control::Continue).unwrap();
+    assert_eq!((sb.start, sb.steps), (0, 1));
+    let end = final_checkpoint(&b);
+    assert!(max_abs_diff(&weights(&end, "model.safetensors"), &src_model) < 1e-9);
+    // The EMA's update (s·d + w·(1−d) with s = w) rounds in f32.
+    let ema = max_abs_diff(&weights(&end, "ema.safetensors"), &src_model);
+    assert!(ema < 1e-6, "EMA moved {ema} from the init_from weights");
+    // From scratch the same config starts elsewhere.
+    let c = tmp("init-none");
+    let mut cc = cb.clone();
+    cc.out_dir = c.clone();
+    cc.init_from = None;
+    run(&cc, false, &mut |_| Control::Continue).unwrap();
+    assert!(
+        max_abs_diff(
+            &weights(&final_checkpoint(&c), "model.safetensors"),
+            &src_model
+        ) > 1e-3
+    );
+
+    // Not a checkpoint folder: named, with what was expected.
+    let d = tmp("init-bad");
+    let mut cd = config(&d, 1);
+    cd.init_from = Some(a.clone());
+    let e = run(&cd, false, &mut |_| Control::Continue)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("init_from") && e.contains("model.safetensors"),
+        "{e}"
+    );
+    // A checkpoint of a different model: the var and both shapes are named.
+    cd.model = serde_json::json!({"channels": 16, "groups": 2, "pool": 4});
+    cd.init_from = Some(src.clone());
+    let e = run(&cd, false, &mut |_| Control::Continue)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("has shape") && e.contains(&src.display().to_string()),
+        "{e}"
+    );
+
+    for dir in [a, b, c, d] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
