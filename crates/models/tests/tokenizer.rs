@@ -407,3 +407,29 @@ fn corrupt_files_are_errors_naming_the_file() {
     let _ = std::fs::remove_dir_all(&d);
     let _ = std::fs::remove_dir_all(&empty);
 }
+
+#[test]
+fn unknown_words_are_named() {
+    // The default model's word-level tokenizer knows Shapes World's words only.
+    let shapes = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/vdit-shapes/tokenizer");
+    let tok = TextTokenizer::load(&shapes).unwrap();
+    let known = "a large red circle moving slowly right on a black background";
+    assert!(tok.unknown_words(known).unwrap().is_empty());
+    assert_eq!(
+        tok.unknown_words("a large red circle spinning on a pink background")
+            .unwrap(),
+        ["spinning", "pink"]
+    );
+    // The unknown words do become the unknown token's id.
+    let ids = tok
+        .encode_padded(&["a pink circle", "a red circle"], 8)
+        .unwrap();
+    assert_ne!(ids[0][1], ids[1][1]);
+    assert_eq!(ids[0][1], tok.inner().token_to_id("<unk>").unwrap());
+    // A SentencePiece T5 tokenizer covers ordinary text.
+    let t5 = TextTokenizer::load(&fixture("t5_spiece")).unwrap();
+    assert!(t5
+        .unknown_words("a large red circle moving slowly right")
+        .unwrap()
+        .is_empty());
+}

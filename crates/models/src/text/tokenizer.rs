@@ -38,8 +38,21 @@ const DEFAULT_EXTRA_IDS: usize = 100;
 pub struct TextTokenizer {
     tok: Tokenizer,
     pad_id: u32,
+    /// The id unknown text maps to, when the model has one.
+    unk_id: Option<u32>,
     /// Where it came from, for messages.
     source: PathBuf,
+}
+
+/// The id of the model's unknown token: `unk_token` (WordLevel, WordPiece, BPE) or `unk_id`
+/// (Unigram) of the model as `tokenizers` serialises it.
+fn model_unk_id(tok: &Tokenizer) -> Option<u32> {
+    let m = serde_json::to_value(tok.get_model()).ok()?;
+    match (m.get("unk_id"), m.get("unk_token")) {
+        (Some(id), _) if id.is_u64() => id.as_u64().map(|i| i as u32),
+        (_, Some(t)) => t.as_str().and_then(|t| tok.token_to_id(t)),
+        _ => None,
+    }
 }
 
 impl TextTokenizer {
@@ -100,6 +113,7 @@ impl TextTokenizer {
             }
         };
         Ok(Self {
+            unk_id: model_unk_id(&tok),
             tok,
             pad_id,
             source: path.to_path_buf(),
@@ -123,6 +137,7 @@ impl TextTokenizer {
             )
         })?;
         Ok(Self {
+            unk_id: model_unk_id(&tok),
             tok,
             pad_id,
             source: spiece_path,
@@ -147,6 +162,31 @@ impl TextTokenizer {
     /// The underlying `tokenizers` tokenizer (no truncation or padding configured).
     pub fn inner(&self) -> &Tokenizer {
         &self.tok
+    }
+
+    /// The words of `prompt` the vocabulary lacks (each read by the model as the unknown
+    /// token), in order. A word-level tokenizer such as the default model's knows only its
+    /// world's words.
+    pub fn unknown_words(&self, prompt: &str) -> Result<Vec<String>> {
+        let enc = self.tok.encode(prompt, false).map_err(|e| {
+            Error::Msg(format!(
+                "{}: cannot tokenize {prompt:?}: {e}",
+                self.source.display()
+            ))
+        })?;
+        Ok(self.unknown_in(prompt, &enc))
+    }
+
+    fn unknown_in(&self, prompt: &str, enc: &tokenizers::Encoding) -> Vec<String> {
+        let Some(unk) = self.unk_id else {
+            return Vec::new();
+        };
+        enc.get_ids()
+            .iter()
+            .zip(enc.get_offsets())
+            .filter(|(id, _)| **id == unk)
+            .map(|(_, &(a, b))| prompt.get(a..b).unwrap_or("?").to_string())
+            .collect()
     }
 
     /// Ids of each prompt, exactly `max_len` long: the prompt's tokens (cut from the right to
@@ -179,6 +219,15 @@ impl TextTokenizer {
             // Without special tokens: the post-processor runs once, after truncation, as in
             // `tokenizers`' own `encode` with truncation set.
             let mut enc = self.tok.encode(*prompt, false).map_err(tok_err)?;
+            let unknown = self.unknown_in(prompt, &enc);
+            if !unknown.is_empty() {
+                tracing::warn!(
+                    prompt = i,
+                    unknown = %unknown.join(" "),
+                    tokenizer = %self.source.display(),
+                    "prompt words not in the tokenizer's vocabulary: the model reads each as the unknown token"
+                );
+            }
             let full = enc.len();
             if full > budget {
                 let removed = self
