@@ -13,7 +13,7 @@
 //! keep_checkpoints = 2     # newest N kept
 //! plot_every = 50          # redraw loss.png every N steps (and at the end)
 //! allow_unused_vars = false # a var without a gradient is an error (candle's fast ops drop them)
-//! init_from = "runs/t2v/checkpoints/step-00007200"  # fine-tune: start from these weights
+//! init_from = "runs/t2v/checkpoints/step-00007800"  # fine-tune: start from these weights
 //!
 //! [data]
 //! split = "train"          # Shapes World split the clips come from
@@ -109,7 +109,8 @@ pub struct TrainConfig {
     /// Fine-tuning: a checkpoint folder (`<out_dir>/checkpoints/step-N` of an earlier run of
     /// the same model) whose `model.safetensors` gives the starting weights of a fresh run;
     /// the optimiser, EMA, step count and schedule start anew. Every var must be there with its
-    /// shape. Ignored when resuming (the run's own checkpoint wins). Default none.
+    /// shape. Relative to the working directory, as `out_dir`. Ignored when resuming (the run's
+    /// own checkpoint wins). Default none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init_from: Option<PathBuf>,
     pub data: DataConfig,

@@ -109,8 +109,9 @@ fn set_vars(vars: &NamedVars, tensors: &HashMap<String, Tensor>, src: &Path) -> 
     Ok(())
 }
 
-/// Trains `model` per `cfg`, from scratch (or from `cfg.init_from`'s weights) or (with `resume`) from the newest checkpoint in
-/// `cfg.out_dir`. `dev` is where batches are built (the model's device).
+/// Trains `model` per `cfg`: from scratch (or from `cfg.init_from`'s weights), or (with
+/// `resume`) from the newest checkpoint in `cfg.out_dir`. `dev` is where batches are built (the
+/// model's device).
 pub fn train(
     cfg: &TrainConfig,
     model: &dyn Trainable,
