@@ -3,6 +3,8 @@
 //! floors stated in the model card (set well under the measured scores so that float noise
 //! across machines cannot trip them, but far above chance).
 
+mod common;
+use common::{run_ok, tmpdir, vdit};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -10,11 +12,25 @@ fn model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/vdit-shapes")
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vdit-default-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// `vdit args...` with no model chosen: the shipped default.
+fn vdit_default(args: &[&str]) -> Command {
+    let mut c = vdit();
+    c.args(args).env_remove("VDIT_MODEL");
+    c
+}
+
+/// Runs `vdit eval args... --out <dir>/report.json` on the default model: the JSON report and
+/// the printed table.
+fn eval_report(dir: &Path, args: &[&str]) -> (serde_json::Value, String) {
+    let report = dir.join("report.json");
+    let o = vdit_default(args)
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    (r, String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 #[test]
@@ -60,29 +76,25 @@ fn walk(d: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn generate_uses_the_default_model() {
-    let dir = scratch("gen");
+    let dir = tmpdir("gen");
     let out = dir.join("out.mp4");
-    let o = Command::new(env!("CARGO_BIN_EXE_vdit"))
-        .args([
+    let err = run_ok(
+        vdit_default(&[
             "generate",
             "--prompt",
             "a large red circle moving slowly right on a black background",
             "--quiet",
             "--output",
         ])
-        .arg(&out)
-        .env_remove("VDIT_MODEL")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
+        .arg(&out),
+    );
     let v = vdit_video::read_video(&out).unwrap();
     assert_eq!((v.frames.len(), v.width, v.height), (17, 64, 64), "{err}");
     assert_eq!(v.fps, 8.0);
     // Another trained size.
     let out2 = dir.join("wide.gif");
-    let o = Command::new(env!("CARGO_BIN_EXE_vdit"))
-        .args([
+    run_ok(
+        vdit_default(&[
             "generate",
             "--prompt",
             "a small blue square going up on a gray background",
@@ -95,11 +107,8 @@ fn generate_uses_the_default_model() {
             "--quiet",
             "--output",
         ])
-        .arg(&out2)
-        .env_remove("VDIT_MODEL")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        .arg(&out2),
+    );
     let v = vdit_video::read_video(&out2).unwrap();
     assert_eq!((v.frames.len(), v.width, v.height), (9, 112, 64));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -113,20 +122,13 @@ const FLICKER_FLOOR: f64 = 0.95;
 
 #[test]
 fn eval_smoke_meets_the_floors() {
-    let dir = scratch("eval");
-    let report = dir.join("report.json");
-    let o = Command::new(env!("CARGO_BIN_EXE_vdit"))
-        .args([
-            "eval", "model", "--split", "val-iid", "--count", "16", "--batch", "8", "--out",
-        ])
-        .arg(&report)
-        .env_remove("VDIT_MODEL")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let dir = tmpdir("eval");
+    let (r, text) = eval_report(
+        &dir,
+        &[
+            "eval", "model", "--split", "val-iid", "--count", "16", "--batch", "8",
+        ],
+    );
     let group = &r["val-iid"];
     for (attr, floor) in FLOORS {
         let got = group["accuracy"][attr]
@@ -146,19 +148,11 @@ fn eval_smoke_meets_the_floors() {
 /// (PSNR 28.65 dB, min 21.3; scorer on the reconstructions: colour 0.993, motion 0.992).
 #[test]
 fn the_shipped_vae_reconstructs_colour_and_motion() {
-    let dir = scratch("eval-vae");
-    let report = dir.join("vae.json");
-    let o = Command::new(env!("CARGO_BIN_EXE_vdit"))
-        .args([
-            "eval", "vae", "--split", "val-iid", "--count", "16", "--out",
-        ])
-        .arg(&report)
-        .env_remove("VDIT_MODEL")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let dir = tmpdir("eval-vae");
+    let (r, _) = eval_report(
+        &dir,
+        &["eval", "vae", "--split", "val-iid", "--count", "16"],
+    );
     let psnr = r["psnr_mean_db"].as_f64().unwrap();
     assert!(psnr >= 26.5, "VAE PSNR {psnr:.2} dB < 26.5");
     let acc = &r["reconstructions"]["val-iid"]["accuracy"];

@@ -137,7 +137,8 @@ impl TextTokenizer {
             )
         })?;
         Ok(Self {
-            unk_id: model_unk_id(&tok),
+            // The unigram model was built with this unk token (no need to serialise 32k pieces).
+            unk_id: tok.token_to_id(&spec.unk.token),
             tok,
             pad_id,
             source: spiece_path,
