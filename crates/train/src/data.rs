@@ -92,8 +92,18 @@ pub struct Batch {
     /// `[B, 3, F, H, W]` f32 in [-1, 1].
     pub pixels: Tensor,
     pub captions: Vec<String>,
+    /// Each clip's background colour (sRGB): pixels of another colour are objects.
+    pub backgrounds: Vec<[u8; 3]>,
     /// World clip indices (under the data split and world seed).
     pub clip_indices: Vec<u64>,
+}
+
+/// Rendered clips: pixels `[B, 3, F, H, W]` in [-1, 1], captions and background colours.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub pixels: Tensor,
+    pub captions: Vec<String>,
+    pub backgrounds: Vec<[u8; 3]>,
 }
 
 /// A ChaCha8 generator for `purpose` under `seed`, on stream `stream` (the step): a pure
@@ -146,7 +156,7 @@ pub fn batches_for_step(
                     None => rng.random::<u64>(),
                 })
                 .collect();
-            let (pixels, captions) = render_clips(data, world_seed, b, &indices, dev)?;
+            let r = render_clips(data, world_seed, b, &indices, dev)?;
             Ok(Batch {
                 step,
                 micro,
@@ -154,23 +164,23 @@ pub fn batches_for_step(
                 width: b.width,
                 height: b.height,
                 frames: b.frames,
-                pixels,
-                captions,
+                pixels: r.pixels,
+                captions: r.captions,
+                backgrounds: r.backgrounds,
                 clip_indices: indices,
             })
         })
         .collect()
 }
 
-/// Renders clips `indices` of the data split at the bucket's size: pixels `[B, 3, F, H, W]`
-/// in [-1, 1] and captions.
+/// Renders clips `indices` of the data split at the bucket's size.
 pub fn render_clips(
     data: &DataConfig,
     world_seed: u64,
     b: &Bucket,
     indices: &[u64],
     dev: &Device,
-) -> Result<(Tensor, Vec<String>)> {
+) -> Result<Rendered> {
     let opts = RenderOpts {
         width: b.width,
         height: b.height,
@@ -184,8 +194,10 @@ pub fn render_clips(
     let plane = w * h;
     let mut out = vec![0f32; indices.len() * 3 * f * plane];
     let mut captions = Vec::with_capacity(indices.len());
+    let mut backgrounds = Vec::with_capacity(indices.len());
     for (i, &index) in indices.iter().enumerate() {
         let (scene, text) = sample_clip(data.split, world_seed, index, opts.duration());
+        backgrounds.push(scene.background.rgb());
         let frames = render(&scene, opts);
         let clip = &mut out[i * 3 * f * plane..(i + 1) * 3 * f * plane];
         for (k, frame) in frames.iter().enumerate() {
@@ -199,7 +211,96 @@ pub fn render_clips(
         captions.push(text);
     }
     let pixels = Tensor::from_vec(out, (indices.len(), 3, f, h, w), dev)?;
-    Ok((pixels, captions))
+    Ok(Rendered {
+        pixels,
+        captions,
+        backgrounds,
+    })
+}
+
+/// Per-element loss weights `[B, F', 1, h, w]` at the latent grid of a causal VAE
+/// (`spatial`x spatial, `temporal`x temporal compression: latent frame 0 covers pixel frame 0,
+/// latent frame j ≥ 1 pixel frames 4j−3..=4j for 4x): `1 + object_weight` where the latent
+/// cell's footprint, grown by `dilate` cells each way (the VAE spreads an edge into its
+/// neighbours), holds a pixel differing from the clip's background colour, else 1.
+pub fn latent_object_weights(
+    pixels: &Tensor,
+    backgrounds: &[[u8; 3]],
+    spatial: usize,
+    temporal: usize,
+    dilate: usize,
+    object_weight: f64,
+) -> Result<Tensor> {
+    let (b, c, f, h, w) = pixels.dims5()?;
+    if c != 3 || backgrounds.len() != b {
+        return Err(Error::invalid(
+            "object weights",
+            format!(
+                "pixels {:?} with {} background colours: expected [B, 3, F, H, W] and B colours",
+                pixels.dims(),
+                backgrounds.len()
+            ),
+        ));
+    }
+    if spatial == 0 || temporal == 0 || h % spatial != 0 || w % spatial != 0 {
+        return Err(Error::invalid(
+            "object weights",
+            format!("{h}x{w} frames do not divide into {spatial}x{spatial} latent cells"),
+        ));
+    }
+    if (f - 1) % temporal != 0 {
+        return Err(Error::invalid(
+            "object weights",
+            format!("{f} frames is not 1 + {temporal}k"),
+        ));
+    }
+    let (lf, lh, lw) = (1 + (f - 1) / temporal, h / spatial, w / spatial);
+    let px = pixels.detach().flatten_all()?.to_vec1::<f32>()?;
+    let plane = h * w;
+    let mut out = vec![1f32; b * lf * lh * lw];
+    // An 8-bit value v is stored as v/127.5 − 1; anything further than half a level is another
+    // colour.
+    let tol = 0.5 / 127.5;
+    for (i, bg) in backgrounds.iter().enumerate() {
+        let bg: Vec<f32> = bg.iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+        let clip = &px[i * 3 * f * plane..(i + 1) * 3 * f * plane];
+        let mut hit = vec![false; lf * lh * lw];
+        for k in 0..f {
+            let j = k.div_ceil(temporal);
+            for y in 0..h {
+                for x in 0..w {
+                    let p = y * w + x;
+                    let object =
+                        (0..3).any(|ch| (clip[(ch * f + k) * plane + p] - bg[ch]).abs() > tol);
+                    if object {
+                        hit[(j * lh + y / spatial) * lw + x / spatial] = true;
+                    }
+                }
+            }
+        }
+        let d = dilate as isize;
+        for j in 0..lf {
+            for y in 0..lh as isize {
+                for x in 0..lw as isize {
+                    let near = (-d..=d).any(|dy| {
+                        (-d..=d).any(|dx| {
+                            let (yy, xx) = (y + dy, x + dx);
+                            yy >= 0
+                                && xx >= 0
+                                && yy < lh as isize
+                                && xx < lw as isize
+                                && hit[(j * lh + yy as usize) * lw + xx as usize]
+                        })
+                    });
+                    if near {
+                        out[((i * lf + j) * lh + y as usize) * lw + x as usize] =
+                            1.0 + object_weight as f32;
+                    }
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (b, lf, 1, lh, lw), pixels.device())?)
 }
 
 #[cfg(test)]
@@ -234,6 +335,74 @@ mod tests {
     }
 
     #[test]
+    fn object_weights_cover_the_latent_cells_of_object_pixels() {
+        let dev = Device::Cpu;
+        // One 5-frame 16x8 clip on a gray background; an object pixel at frame 0 (2, 3) and one
+        // at frame 3 (9, 14) (row, column); 4x spatial, 4x temporal, no dilation.
+        let bg = [128u8, 128, 128];
+        let (f, h, w) = (5, 16, 8);
+        let mut px = vec![128f32 / 127.5 - 1.0; 3 * f * h * w];
+        px[(2 * 3) + 3] = 1.0; // channel 0, frame 0
+        px[((2 * f + 3) * h + 9) * w + 6] = -1.0; // channel 2, frame 3
+        let t = Tensor::from_vec(px, (1, 3, f, h, w), &dev).unwrap();
+        let wts = latent_object_weights(&t, &[bg], 4, 4, 0, 2.5).unwrap();
+        assert_eq!(wts.dims(), &[1, 2, 1, 4, 2]);
+        let got = wts.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut want = vec![1f32; 16];
+        want[0] = 3.5; // latent frame 0, cell (0, 0)
+        want[8 + 2 * 2 + 1] = 3.5; // latent frame 1 (pixel frames 1..=4), cell (2, 1)
+        assert_eq!(got, want);
+        // Dilation by one cell grows each footprint to its 3x3 neighbourhood.
+        let wts = latent_object_weights(&t, &[bg], 4, 4, 1, 1.0).unwrap();
+        let got = wts.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ones = |v: &[f32]| v.iter().filter(|&&x| x == 2.0).count();
+        assert_eq!(ones(&got[..8]), 4); // (0..=1, 0..=1)
+        assert_eq!(ones(&got[8..]), 6); // rows 1..=3, both columns
+                                        // Shapes that do not fit the grid are errors naming what was expected.
+        let e = latent_object_weights(&t, &[bg], 3, 4, 0, 1.0).unwrap_err();
+        assert!(e.to_string().contains("3x3 latent cells"), "{e}");
+        let e = latent_object_weights(&t, &[bg, bg], 4, 4, 0, 1.0).unwrap_err();
+        assert!(e.to_string().contains("2 background colours"), "{e}");
+    }
+
+    #[test]
+    fn rendered_objects_are_weighted_and_backgrounds_are_not() {
+        let d = cfg();
+        let b = Bucket {
+            width: 64,
+            height: 64,
+            frames: 17,
+            weight: 1.0,
+            batch_size: None,
+            from_step: None,
+        };
+        let r = render_clips(&d, 0, &b, &[0, 1, 2, 3], &Device::Cpu).unwrap();
+        let wts = latent_object_weights(&r.pixels, &r.backgrounds, 4, 4, 0, 1.0).unwrap();
+        assert_eq!(wts.dims(), &[4, 5, 1, 16, 16]);
+        for i in 0..4 {
+            let (scene, _) = sample_clip(d.split, 0, i as u64, 17.0 / 8.0);
+            let v = wts
+                .get(i)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let frac = v.iter().filter(|&&x| x == 2.0).count() as f64 / v.len() as f64;
+            // Each object's disc (radius r px) lies in the cells it touches; the first latent
+            // frame alone holds at least its area in cells.
+            let area: f64 = scene
+                .objects
+                .iter()
+                .map(|o| o.shape.area(o.size.radius() * 64.0) / 16.0)
+                .sum();
+            assert!(frac > 0.0 && frac < 0.6, "clip {i}: {frac}");
+            let first = v[..256].iter().filter(|&&x| x == 2.0).count() as f64;
+            assert!(first >= area * 0.9, "clip {i}: {first} cells for {area}");
+        }
+    }
+
+    #[test]
     fn pixels_match_the_world_render() {
         let d = cfg();
         let b = Bucket {
@@ -244,7 +413,8 @@ mod tests {
             batch_size: None,
             from_step: None,
         };
-        let (px, caps) = render_clips(&d, 5, &b, &[7, 123456789], &Device::Cpu).unwrap();
+        let r = render_clips(&d, 5, &b, &[7, 123456789], &Device::Cpu).unwrap();
+        let (px, caps) = (r.pixels, r.captions);
         assert_eq!(px.dims(), &[2, 3, 9, 64, 96]);
         let (scene, text) = sample_clip(Split::Train, 5, 123456789, 1.0);
         assert_eq!(caps[1], text);

@@ -105,14 +105,17 @@ fn per_sample(values: &[f64], like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, shape, like.device())?.to_dtype(like.dtype())?)
 }
 
-/// The scalar loss of a prediction `[B, ...]` (shape of x₀) for a noised batch: mean over
-/// samples of the per-sample mean squared error, weighted per `weighting`.
+/// The scalar loss of a prediction `[B, ...]` (shape of x₀) for a noised batch: the mean
+/// squared error, weighted per `weighting`. With `elem_weight` (broadcastable against x₀, e.g.
+/// [`crate::data::latent_object_weights`]) the mean is weighted: Σ w·err / Σ w over x₀'s
+/// elements.
 pub fn diffusion_loss(
     sched: &dyn Scheduler,
     pred: &Tensor,
     nb: &Noised,
     x0: &Tensor,
     weighting: LossWeighting,
+    elem_weight: Option<&Tensor>,
 ) -> Result<Tensor> {
     if pred.dims() != nb.target.dims() {
         return Err(Error::invalid(
@@ -124,8 +127,18 @@ pub fn diffusion_loss(
             ),
         ));
     }
+    let mean = |err: Tensor| -> Result<Tensor> {
+        match elem_weight {
+            None => Ok(err.mean_all()?),
+            Some(w) => {
+                let w = w.broadcast_as(err.dims())?.to_dtype(err.dtype())?;
+                let total = w.sum_all()?;
+                Ok((err * &w)?.sum_all()?.broadcast_div(&total)?)
+            }
+        }
+    };
     match weighting {
-        LossWeighting::None => Ok((pred - &nb.target)?.sqr()?.mean_all()?),
+        LossWeighting::None => mean((pred - &nb.target)?.sqr()?),
         LossWeighting::Cogvideox => {
             if sched.prediction_type() != PredictionType::VPrediction {
                 return Err(Error::invalid(
@@ -145,7 +158,7 @@ pub fn diffusion_loss(
             let err = (x0_hat - x0.detach())?
                 .sqr()?
                 .broadcast_mul(&per_sample(&w, pred)?)?;
-            Ok(err.mean_all()?)
+            mean(err)
         }
     }
 }
@@ -224,16 +237,37 @@ mod tests {
             assert!((g - w).abs() < 1e-6, "v {g} vs {w}");
         }
         let pred = (nb.target.zeros_like().unwrap() + 0.1).unwrap();
-        let plain = diffusion_loss(&s, &pred, &nb, &x0, LossWeighting::None)
+        let plain = diffusion_loss(&s, &pred, &nb, &x0, LossWeighting::None, None)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        let cog = diffusion_loss(&s, &pred, &nb, &x0, LossWeighting::Cogvideox)
+        let cog = diffusion_loss(&s, &pred, &nb, &x0, LossWeighting::Cogvideox, None)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
         assert!((plain - 1.109_965_6).abs() < 1e-6, "{plain}");
         assert!((cog - 1.109_965_5).abs() < 1e-5, "{cog}");
+        // Element weights: sample 1 weighs 3, sample 0 weighs 1: Σ w·err / Σ w.
+        let w = Tensor::from_slice(&[1f32, 3.0], (2, 1, 1, 1, 1), &dev).unwrap();
+        let err: Vec<f64> = want_v.iter().map(|v| (0.1 - *v as f64).powi(2)).collect();
+        let want = (err[0] + err[1] + 3.0 * (err[2] + err[3])) / 8.0;
+        for weighting in [LossWeighting::None, LossWeighting::Cogvideox] {
+            let got = diffusion_loss(&s, &pred, &nb, &x0, weighting, Some(&w))
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+            assert!(
+                (got - want).abs() < 1e-5 * want,
+                "{weighting:?}: {got} vs {want}"
+            );
+        }
+        // Uniform weights are the plain mean.
+        let five = (w.ones_like().unwrap() * 5.0).unwrap();
+        let got = diffusion_loss(&s, &pred, &nb, &x0, LossWeighting::None, Some(&five))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((got - plain).abs() < 1e-6, "{got} vs {plain}");
     }
 
     /// At the zero-terminal-SNR timestep x_t is pure noise and v = −x₀.
@@ -247,10 +281,17 @@ mod tests {
         assert_eq!(flat(&nb.noisy), flat(&eps));
         assert_eq!(flat(&nb.target), vec![-1.0, 0.5, -0.25, -2.0]);
         // Predicting 0 costs mean(x0²) = (1 + 0.25 + 0.0625 + 4) / 4.
-        let loss = diffusion_loss(&s, &x0.zeros_like().unwrap(), &nb, &x0, LossWeighting::None)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let loss = diffusion_loss(
+            &s,
+            &x0.zeros_like().unwrap(),
+            &nb,
+            &x0,
+            LossWeighting::None,
+            None,
+        )
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
         assert!((loss - 1.328125).abs() < 1e-7);
         let mse = per_sample_mse(&x0.zeros_like().unwrap(), &nb.target).unwrap();
         assert_eq!(mse, vec![0.625, 2.03125]);
@@ -291,8 +332,9 @@ mod tests {
         .unwrap();
         let p = candle_core::Var::from_tensor(&randn(&[3, 2, 4, 4, 4], &mut rng, &dev).unwrap())
             .unwrap();
-        let a = diffusion_loss(&s, p.as_tensor(), &nb, &x0, LossWeighting::None).unwrap();
-        let b = diffusion_loss(&s, p.as_tensor(), &nb, &x0, LossWeighting::Cogvideox).unwrap();
+        let a = diffusion_loss(&s, p.as_tensor(), &nb, &x0, LossWeighting::None, None).unwrap();
+        let b =
+            diffusion_loss(&s, p.as_tensor(), &nb, &x0, LossWeighting::Cogvideox, None).unwrap();
         let (va, vb) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
         assert!((va - vb).abs() < 1e-4 * va, "{va} {vb}");
         let ga = a.backward().unwrap().get(p.as_tensor()).unwrap().clone();

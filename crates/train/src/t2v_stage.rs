@@ -40,7 +40,7 @@
 
 use crate::cogvideox_train::TrainCogVideoX;
 use crate::config::{LossWeighting, TrainConfig};
-use crate::data::Batch;
+use crate::data::{latent_object_weights, Batch};
 use crate::init::{default_rule, SeededVarMap};
 use crate::objective::{diffusion_loss, posterior_sample, sample_noised};
 use crate::t5_train::{write_text_encoder_folder, T5Config, TrainT5};
@@ -533,13 +533,20 @@ impl Trainable for TextToVideoStage {
         let pred =
             self.transformer
                 .forward(&nb.noisy, &text, &t, rope.as_ref().map(|(c, s)| (c, s)))?;
-        let loss = diffusion_loss(
-            &self.sched,
-            &pred,
-            &nb,
-            &x0,
-            self.train_cfg.diffusion.weighting,
-        )?;
+        let dc = &self.train_cfg.diffusion;
+        let weights = if dc.object_weight > 0.0 {
+            Some(latent_object_weights(
+                &batch.pixels,
+                &batch.backgrounds,
+                self.vae.config().spatial_compression(),
+                self.vae.config().temporal_compression_ratio as usize,
+                dc.object_dilate,
+                dc.object_weight,
+            )?)
+        } else {
+            None
+        };
+        let loss = diffusion_loss(&self.sched, &pred, &nb, &x0, dc.weighting, weights.as_ref())?;
         let mut out = LossOutput::new(loss);
         out.metrics
             .push(("uncond".into(), dropped as f64 / b.max(1) as f64));

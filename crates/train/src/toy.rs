@@ -184,7 +184,7 @@ impl Trainable for ToyModel {
         let x0 = self.latents(&batch.pixels)?;
         let nb = sample_noised(&self.sched, &x0, rng)?;
         let pred = self.forward(&nb.noisy, &nb.timesteps)?;
-        let loss = diffusion_loss(&self.sched, &pred, &nb, &x0, self.weighting)?;
+        let loss = diffusion_loss(&self.sched, &pred, &nb, &x0, self.weighting, None)?;
         Ok(LossOutput::new(loss))
     }
 

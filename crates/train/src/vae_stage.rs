@@ -263,13 +263,14 @@ impl VaeStage {
         let (mut sum, mut sum2, mut n) = (0f64, 0f64, 0usize);
         let indices: Vec<u64> = (0..self.cfg.scaling_clips as u64).collect();
         for chunk in indices.chunks(8) {
-            let (px, _) = render_clips(
+            let px = render_clips(
                 &self.run.data,
                 self.run.world_seed(),
                 &bucket,
                 chunk,
                 &self.dev,
-            )?;
+            )?
+            .pixels;
             let post = vae.encode_plain(&px)?;
             let eps = randn(post.mean.dims(), &mut rng, &self.dev)?;
             let z = post.sample(&eps)?.to_dtype(DType::F64)?.flatten_all()?;
@@ -484,7 +485,9 @@ mod tests {
         let again = stage.measure_scaling_factor(&vae).unwrap();
         assert!((sf - again).abs() < 1e-5 * sf, "{sf} vs {again}");
         assert!(sf.is_finite() && sf > 0.0);
-        let (px, _) = render_clips(&cfg.data, 9, &cfg.data.buckets[0], &[5], &dev).unwrap();
+        let px = render_clips(&cfg.data, 9, &cfg.data.buckets[0], &[5], &dev)
+            .unwrap()
+            .pixels;
         let (mean, logvar) = stage.model().encode(&px).unwrap();
         let post = vae.encode(&px).unwrap();
         let rec = stage.model().decode(&mean).unwrap();
@@ -623,7 +626,9 @@ mod trial {
         };
         let mut total = 0.0;
         for i in 0..n {
-            let (px, _) = render_clips(&data, 12345, &b, &[i], &stage.dev).unwrap();
+            let px = render_clips(&data, 12345, &b, &[i], &stage.dev)
+                .unwrap()
+                .pixels;
             let (mean, _) = stage.model.encode(&px).unwrap();
             let rec = stage.model.decode(&mean).unwrap();
             total += psnr_8bit(&rec.detach(), &px).unwrap();

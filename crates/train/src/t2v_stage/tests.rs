@@ -452,7 +452,15 @@ fn bench_t2v_step() {
             .transformer
             .forward(&nb.noisy, &text, &t, None)
             .unwrap();
-        let loss = diffusion_loss(&stage.sched, &pred, &nb, &x0, LossWeighting::Cogvideox).unwrap();
+        let loss = diffusion_loss(
+            &stage.sched,
+            &pred,
+            &nb,
+            &x0,
+            LossWeighting::Cogvideox,
+            None,
+        )
+        .unwrap();
         let t4 = t0.elapsed().as_secs_f64();
         let _g = loss.backward().unwrap();
         let t5 = t0.elapsed().as_secs_f64();
