@@ -8,7 +8,9 @@
 //! `<pad>` up to `max_text_seq_length`) and encoded by T5; the clips are encoded by the VAE
 //! (inference kernels, no graph), a posterior sample is drawn and scaled by the VAE's
 //! `scaling_factor`, permuted to the transformer's `[B, F, C, h, w]`, noised, and the
-//! transformer's prediction is scored.
+//! transformer's prediction is scored — with `diffusion.object_weight` > 0 as a weighted mean
+//! that weighs the latent cells at the clips' objects more (see
+//! [`crate::data::latent_object_weights`]).
 //!
 //! Frozen-VAE cache: when `data.num_clips` is finite the clips repeat, so the posterior
 //! `(mean, logvar)` of each (bucket, clip) is kept after its first encoding (the sample is
