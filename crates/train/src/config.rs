@@ -47,6 +47,7 @@
 //! weighting = "cogvideox"  # "cogvideox": 1/(1-ᾱ_t)-weighted x̂₀ MSE; "none": plain MSE on the target
 //! object_weight = 0.0      # transformer stage: latent cells near an object weigh 1 + this
 //! object_dilate = 1        # ... cells within this many of an object's footprint count
+//! object_max_t = 999       # ... only for samples noised at a timestep <= this
 //! [diffusion.scheduler]    # CogVideoXDDIMScheduler config (diffusers names); default CogVideoX-2b's
 //!
 //! [model]                  # stage-specific, read by the stage's builder (the toy: channels, pool)
@@ -286,6 +287,11 @@ pub struct DiffusionConfig {
     /// Latent cells within this many cells of an object's footprint count as the object's
     /// (the VAE spreads an edge into its neighbours). Default 1.
     pub object_dilate: usize,
+    /// Object weighting applies to the samples noised at a timestep ≤ this; the others keep a
+    /// plain mean. Where the noise hides where the objects are, weighting the cells where they
+    /// are pulls the prediction towards objects everywhere (the weights depend on x₀); below
+    /// this timestep x_t shows them. Default 999 (every sample).
+    pub object_max_t: usize,
 }
 
 impl Default for DiffusionConfig {
@@ -295,6 +301,7 @@ impl Default for DiffusionConfig {
             weighting: LossWeighting::Cogvideox,
             object_weight: 0.0,
             object_dilate: 1,
+            object_max_t: 999,
         }
     }
 }

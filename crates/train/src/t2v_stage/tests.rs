@@ -554,7 +554,7 @@ fn object_weight_weights_the_loss_at_object_cells() {
     let mut cfg = tiny_config(&vae, &root.join("run"));
     cfg.diffusion.object_weight = 3.0;
     cfg.diffusion.object_dilate = 0;
-    let stage = TextToVideoStage::new(&cfg, &dev).unwrap();
+    let mut stage = TextToVideoStage::new(&cfg, &dev).unwrap();
     for (_, v) in &stage.vars() {
         let mut rng = step_rng(9, "perturb", v.elem_count() as u64);
         let noise = crate::objective::randn(v.dims(), &mut rng, &dev).unwrap();
@@ -610,6 +610,30 @@ fn object_weight_weights_the_loss_at_object_cells() {
     assert!(
         (weighted - plain).abs() > 1e-3 * plain,
         "{weighted} vs {plain}"
+    );
+    // With object_max_t below the noisier sample's timestep, that sample keeps plain weights.
+    let (t0, t1) = (nb.timesteps[0], nb.timesteps[1]);
+    assert_ne!(t0, t1);
+    let noisier = usize::from(t1 > t0);
+    let ones = w.narrow(0, noisier, 1).unwrap().ones_like().unwrap();
+    let kept = w.narrow(0, 1 - noisier, 1).unwrap();
+    let parts = if noisier == 0 {
+        [&ones, &kept]
+    } else {
+        [&kept, &ones]
+    };
+    let want = loss(Some(&Tensor::cat(&parts, 0).unwrap()));
+    stage.train_cfg.diffusion.object_max_t = t0.min(t1);
+    let got = stage
+        .loss(b, &mut step_rng(0, "loss", 0))
+        .unwrap()
+        .loss
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
+    assert!(
+        (want - weighted).abs() > 1e-4 * want,
+        "{want} vs {weighted}"
     );
     std::fs::remove_dir_all(&root).unwrap();
 }
