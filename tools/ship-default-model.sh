@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Copies a finished training run into models/vdit-shapes (the default model): the exported
 # diffusers folder of the text-to-video run (which holds the VAE it was trained on), the exact
-# configs and loss logs of both runs, and keeps the model card and eval reports in place.
+# configs and loss logs of both runs (named after the run folders: training/<run>.json,
+# training/<run>_loss.jsonl, so the logs of earlier legs stay beside them), and keeps the model
+# card and eval reports in place.
 #   tools/ship-default-model.sh [runs/vae] [runs/t2v]
 set -euo pipefail
 vae=${1:-runs/vae}
@@ -17,10 +19,10 @@ done
 cp "$t2v/export/model_index.json" "$dst/"
 [ -f "$t2v/export/generation_config.json" ] && cp "$t2v/export/generation_config.json" "$dst/"
 mkdir -p "$dst/training"
-cp "$vae/config.json" "$dst/training/vae.json"
-cp "$t2v/config.json" "$dst/training/t2v.json"
-cp "$vae/loss.jsonl" "$dst/training/vae_loss.jsonl"
-cp "$t2v/loss.jsonl" "$dst/training/t2v_loss.jsonl"
-[ -f "$vae/loss.png" ] && cp "$vae/loss.png" "$dst/training/vae_loss.png"
-[ -f "$t2v/loss.png" ] && cp "$t2v/loss.png" "$dst/training/t2v_loss.png"
+for run in "$vae" "$t2v"; do
+  name=$(basename "$run")
+  cp "$run/config.json" "$dst/training/$name.json"
+  cp "$run/loss.jsonl" "$dst/training/${name}_loss.jsonl"
+  if [ -f "$run/loss.png" ]; then cp "$run/loss.png" "$dst/training/${name}_loss.png"; fi
+done
 du -sh "$dst"
