@@ -423,6 +423,15 @@ impl TrainConfig {
                 format!("expected a number >= 0 (0: a plain mean), found {ow}"),
             );
         }
+        if ow > 0.0 && self.stage != Stage::Transformer {
+            return bad(
+                "diffusion.object_weight",
+                format!(
+                    "only the transformer stage weighs objects; this is a {:?} run (set 0)",
+                    self.stage
+                ),
+            );
+        }
         let o = &self.optim;
         let finite_pos = |x: f64| x.is_finite() && x > 0.0;
         if !finite_pos(o.lr) {
@@ -610,6 +619,13 @@ mod tests {
         let e = cfg.validate(Path::new("d.toml")).unwrap_err().to_string();
         assert!(
             e.contains("d.toml") && e.contains("diffusion.object_weight"),
+            "{e}"
+        );
+        cfg.diffusion.object_weight = 2.0;
+        cfg.stage = Stage::Toy;
+        let e = cfg.validate(Path::new("d.toml")).unwrap_err().to_string();
+        assert!(
+            e.contains("diffusion.object_weight") && e.contains("Toy"),
             "{e}"
         );
     }

@@ -248,7 +248,7 @@ pub fn latent_object_weights(
             format!("{h}x{w} frames do not divide into {spatial}x{spatial} latent cells"),
         ));
     }
-    if (f - 1) % temporal != 0 {
+    if f == 0 || (f - 1) % temporal != 0 {
         return Err(Error::invalid(
             "object weights",
             format!("{f} frames is not 1 + {temporal}k"),
