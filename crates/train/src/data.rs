@@ -220,25 +220,26 @@ pub fn render_clips(
 
 /// Per-element loss weights `[B, F', 1, h, w]` at the latent grid of a causal VAE
 /// (`spatial`x spatial, `temporal`x temporal compression: latent frame 0 covers pixel frame 0,
-/// latent frame j ≥ 1 pixel frames 4j−3..=4j for 4x): `1 + object_weight` where the latent
-/// cell's footprint, grown by `dilate` cells each way (the VAE spreads an edge into its
-/// neighbours), holds a pixel differing from the clip's background colour, else 1.
+/// latent frame j ≥ 1 pixel frames 4j−3..=4j for 4x): for clip i, `1 + object_weights[i]` where
+/// the latent cell's footprint, grown by `dilate` cells each way (the VAE spreads an edge into
+/// its neighbours), holds a pixel differing from the clip's background colour, else 1.
 pub fn latent_object_weights(
     pixels: &Tensor,
     backgrounds: &[[u8; 3]],
     spatial: usize,
     temporal: usize,
     dilate: usize,
-    object_weight: f64,
+    object_weights: &[f64],
 ) -> Result<Tensor> {
     let (b, c, f, h, w) = pixels.dims5()?;
-    if c != 3 || backgrounds.len() != b {
+    if c != 3 || backgrounds.len() != b || object_weights.len() != b {
         return Err(Error::invalid(
             "object weights",
             format!(
-                "pixels {:?} with {} background colours: expected [B, 3, F, H, W] and B colours",
+                "pixels {:?} with {} background colours and {} weights: expected [B, 3, F, H, W] and B of each",
                 pixels.dims(),
-                backgrounds.len()
+                backgrounds.len(),
+                object_weights.len()
             ),
         ));
     }
@@ -261,7 +262,10 @@ pub fn latent_object_weights(
     // An 8-bit value v is stored as v/127.5 − 1; anything further than half a level is another
     // colour.
     let tol = 0.5 / 127.5;
-    for (i, bg) in backgrounds.iter().enumerate() {
+    for (i, (bg, &object_weight)) in backgrounds.iter().zip(object_weights).enumerate() {
+        if object_weight == 0.0 {
+            continue;
+        }
         let bg: Vec<f32> = bg.iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
         let clip = &px[i * 3 * f * plane..(i + 1) * 3 * f * plane];
         let mut hit = vec![false; lf * lh * lw];
@@ -345,7 +349,7 @@ mod tests {
         px[(2 * 3) + 3] = 1.0; // channel 0, frame 0
         px[((2 * f + 3) * h + 9) * w + 6] = -1.0; // channel 2, frame 3
         let t = Tensor::from_vec(px, (1, 3, f, h, w), &dev).unwrap();
-        let wts = latent_object_weights(&t, &[bg], 4, 4, 0, 2.5).unwrap();
+        let wts = latent_object_weights(&t, &[bg], 4, 4, 0, &[2.5]).unwrap();
         assert_eq!(wts.dims(), &[1, 2, 1, 4, 2]);
         let got = wts.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let mut want = vec![1f32; 16];
@@ -353,15 +357,15 @@ mod tests {
         want[8 + 2 * 2 + 1] = 3.5; // latent frame 1 (pixel frames 1..=4), cell (2, 1)
         assert_eq!(got, want);
         // Dilation by one cell grows each footprint to its 3x3 neighbourhood.
-        let wts = latent_object_weights(&t, &[bg], 4, 4, 1, 1.0).unwrap();
+        let wts = latent_object_weights(&t, &[bg], 4, 4, 1, &[1.0]).unwrap();
         let got = wts.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let ones = |v: &[f32]| v.iter().filter(|&&x| x == 2.0).count();
         assert_eq!(ones(&got[..8]), 4); // (0..=1, 0..=1)
         assert_eq!(ones(&got[8..]), 6); // rows 1..=3, both columns
                                         // Shapes that do not fit the grid are errors naming what was expected.
-        let e = latent_object_weights(&t, &[bg], 3, 4, 0, 1.0).unwrap_err();
+        let e = latent_object_weights(&t, &[bg], 3, 4, 0, &[1.0]).unwrap_err();
         assert!(e.to_string().contains("3x3 latent cells"), "{e}");
-        let e = latent_object_weights(&t, &[bg, bg], 4, 4, 0, 1.0).unwrap_err();
+        let e = latent_object_weights(&t, &[bg, bg], 4, 4, 0, &[1.0, 1.0]).unwrap_err();
         assert!(e.to_string().contains("2 background colours"), "{e}");
     }
 
@@ -377,7 +381,7 @@ mod tests {
             from_step: None,
         };
         let r = render_clips(&d, 0, &b, &[0, 1, 2, 3], &Device::Cpu).unwrap();
-        let wts = latent_object_weights(&r.pixels, &r.backgrounds, 4, 4, 0, 1.0).unwrap();
+        let wts = latent_object_weights(&r.pixels, &r.backgrounds, 4, 4, 0, &[1.0; 4]).unwrap();
         assert_eq!(wts.dims(), &[4, 5, 1, 16, 16]);
         for i in 0..4 {
             let (scene, _) = sample_clip(d.split, 0, i as u64, 17.0 / 8.0);

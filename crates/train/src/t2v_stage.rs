@@ -537,22 +537,26 @@ impl Trainable for TextToVideoStage {
                 .forward(&nb.noisy, &text, &t, rope.as_ref().map(|(c, s)| (c, s)))?;
         let dc = &self.train_cfg.diffusion;
         let weights = if dc.object_weight > 0.0 {
-            let w = latent_object_weights(
+            // Object weighting only for the samples noised at or below object_max_t.
+            let per_clip: Vec<f64> = nb
+                .timesteps
+                .iter()
+                .map(|&t| {
+                    if t <= dc.object_max_t {
+                        dc.object_weight
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Some(latent_object_weights(
                 &batch.pixels,
                 &batch.backgrounds,
                 self.vae.config().spatial_compression(),
                 self.vae.config().temporal_compression_ratio as usize,
                 dc.object_dilate,
-                dc.object_weight,
-            )?;
-            // 1 + (w − 1)·[t ≤ object_max_t], per sample.
-            let gate: Vec<f32> = nb
-                .timesteps
-                .iter()
-                .map(|&t| if t <= dc.object_max_t { 1.0 } else { 0.0 })
-                .collect();
-            let gate = Tensor::from_vec(gate, (b, 1, 1, 1, 1), &self.device)?;
-            Some(((w - 1.0)?.broadcast_mul(&gate)? + 1.0)?)
+                &per_clip,
+            )?)
         } else {
             None
         };

@@ -593,7 +593,15 @@ fn object_weight_weights_the_loss_at_object_cells() {
         .transformer
         .forward(&nb.noisy, &text, &t, None)
         .unwrap();
-    let w = latent_object_weights(&b.pixels, &b.backgrounds, 8, 4, 0, 3.0).unwrap();
+    let w = latent_object_weights(
+        &b.pixels,
+        &b.backgrounds,
+        8,
+        4,
+        0,
+        &vec![3.0; b.captions.len()],
+    )
+    .unwrap();
     assert_eq!(w.dims()[..2], x0.dims()[..2]);
     assert_eq!(w.dims()[3..], x0.dims()[3..]);
     let loss = |w: Option<&Tensor>| {
