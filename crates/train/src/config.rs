@@ -48,6 +48,8 @@
 //! object_weight = 0.0      # transformer stage: latent cells near an object weigh 1 + this
 //! object_dilate = 1        # ... cells within this many of an object's footprint count
 //! object_max_t = 999       # ... only for samples noised at a timestep <= this
+//! contrast_weight = 0.0    # transformer stage: weight of the caption-contrast term
+//! contrast_margin = 0.2    # ... its margin on ln(err with another caption / err with its own)
 //! [diffusion.scheduler]    # CogVideoXDDIMScheduler config (diffusers names); default CogVideoX-2b's
 //!
 //! [model]                  # stage-specific, read by the stage's builder (the toy: channels, pool)
@@ -292,6 +294,18 @@ pub struct DiffusionConfig {
     /// are pulls the prediction towards objects everywhere (the weights depend on x₀); below
     /// this timestep x_t shows them. Default 999 (every sample).
     pub object_max_t: usize,
+    /// Transformer stage: weight λ of a caption-contrast term. Each sample is also predicted
+    /// with the next sample's caption (batch order, rolled by one; the same noise and timestep),
+    /// and at its object cells (the mask of `object_weight`, dilated by `object_dilate`) the
+    /// term asks the squared error with the wrong caption to exceed the error with its own by
+    /// a factor e^margin: λ · mean over pairs of max(0, margin − ln(err_wrong / err_own)).
+    /// Pairs where either caption was dropped, the captions are equal or the clip has no object
+    /// cell do not count. It doubles the transformer's batch. The plain loss leaves the words
+    /// that name the objects nearly worthless (an object's colour shows in x_t about when its
+    /// place does); this term rewards reading them. Default 0 (off).
+    pub contrast_weight: f64,
+    /// The margin of `contrast_weight`'s term, on the log ratio of the errors. Default 0.2.
+    pub contrast_margin: f64,
 }
 
 impl Default for DiffusionConfig {
@@ -302,6 +316,8 @@ impl Default for DiffusionConfig {
             object_weight: 0.0,
             object_dilate: 1,
             object_max_t: 999,
+            contrast_weight: 0.0,
+            contrast_margin: 0.2,
         }
     }
 }
@@ -428,6 +444,23 @@ impl TrainConfig {
                 "diffusion.object_weight",
                 format!(
                     "only the transformer stage weighs objects; this is a {:?} run (set 0)",
+                    self.stage
+                ),
+            );
+        }
+        for (key, v) in [
+            ("diffusion.contrast_weight", self.diffusion.contrast_weight),
+            ("diffusion.contrast_margin", self.diffusion.contrast_margin),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(key, format!("expected a number >= 0, found {v}"));
+            }
+        }
+        if self.diffusion.contrast_weight > 0.0 && self.stage != Stage::Transformer {
+            return bad(
+                "diffusion.contrast_weight",
+                format!(
+                    "only the transformer stage has captions to contrast; this is a {:?} run (set 0)",
                     self.stage
                 ),
             );

@@ -452,6 +452,64 @@ impl TextToVideoStage {
 }
 
 /// `value` (a serde struct's JSON object) with `_class_name` and `_diffusers_version` first.
+/// The caption-contrast term (see `diffusion.contrast_weight`): for each sample i with
+/// `valid[i]` and at least one cell in `mask` (`[B, ...]` of 0/1, broadcastable against the
+/// predictions), with e = Σ mask·(prediction − target)² over the sample,
+/// max(0, margin − ln(e_wrong / e_own)); returns the mean over those samples (a scalar tensor,
+/// 0 with no such sample) and the mean log ratio ln(e_wrong / e_own) over them, for the log.
+/// The ratio is per sample, so any per-sample scale of the error (v against x₀) cancels.
+pub fn caption_contrast(
+    own: &Tensor,
+    wrong: &Tensor,
+    target: &Tensor,
+    mask: &Tensor,
+    valid: &[bool],
+    margin: f64,
+) -> Result<(Tensor, Option<f64>)> {
+    let b = own.dim(0)?;
+    if wrong.dims() != own.dims() || target.dims() != own.dims() || valid.len() != b {
+        return Err(Error::invalid(
+            "caption contrast",
+            format!(
+                "predictions {:?} / {:?}, target {:?} and {} validity flags disagree",
+                own.dims(),
+                wrong.dims(),
+                target.dims(),
+                valid.len()
+            ),
+        ));
+    }
+    let mask = mask.broadcast_as(own.dims())?.to_dtype(own.dtype())?;
+    let cells: Vec<f32> = mask
+        .reshape((b, ()))?
+        .sum(1)?
+        .to_dtype(DType::F32)?
+        .to_vec1()?;
+    let use_: Vec<f32> = (0..b)
+        .map(|i| if valid[i] && cells[i] > 0.0 { 1.0 } else { 0.0 })
+        .collect();
+    let n = use_.iter().sum::<f32>();
+    if n == 0.0 {
+        return Ok((Tensor::zeros((), own.dtype(), own.device())?, None));
+    }
+    let target = target.detach();
+    let err = |p: &Tensor| -> Result<Tensor> {
+        Ok(((p - &target)?.sqr()? * &mask)?.reshape((b, ()))?.sum(1)?)
+    };
+    // A floor far below any real error keeps the log finite for a perfect prediction.
+    let eps = 1e-12;
+    let log_ratio = ((err(wrong)? + eps)?.log()? - (err(own)? + eps)?.log()?)?; // [B]
+    let use_ = Tensor::from_vec(use_, b, own.device())?.to_dtype(own.dtype())?;
+    let hinge = (log_ratio.neg()? + margin)?.relu()?;
+    let term = ((hinge * &use_)?.sum_all()? / n as f64)?;
+    let mean_ratio = (log_ratio.detach() * &use_)?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        / n as f64;
+    Ok((term, Some(mean_ratio)))
+}
+
 fn diffusers_config<T: Serialize>(class: &str, value: &T) -> Result<String> {
     let mut m = serde_json::Map::new();
     m.insert("_class_name".into(), class.into());
@@ -532,10 +590,23 @@ impl Trainable for TextToVideoStage {
         } else {
             None
         };
-        let pred =
-            self.transformer
-                .forward(&nb.noisy, &text, &t, rope.as_ref().map(|(c, s)| (c, s)))?;
         let dc = &self.train_cfg.diffusion;
+        let rope = rope.as_ref().map(|(c, s)| (c, s));
+        // With the caption contrast, one forward of 2B: the batch with its own captions, then
+        // again with each sample's successor's caption (rolled by one).
+        let contrast = dc.contrast_weight > 0.0 && b >= 2;
+        let (pred, pred_wrong) = if contrast {
+            let rolled = Tensor::cat(&[text.narrow(0, 1, b - 1)?, text.narrow(0, 0, 1)?], 0)?;
+            let both = self.transformer.forward(
+                &Tensor::cat(&[&nb.noisy, &nb.noisy], 0)?,
+                &Tensor::cat(&[&text, &rolled], 0)?,
+                &Tensor::cat(&[&t, &t], 0)?,
+                rope,
+            )?;
+            (both.narrow(0, 0, b)?, Some(both.narrow(0, b, b)?))
+        } else {
+            (self.transformer.forward(&nb.noisy, &text, &t, rope)?, None)
+        };
         let weights = if dc.object_weight > 0.0 {
             // Object weighting only for the samples noised at or below object_max_t.
             let per_clip: Vec<f64> = nb
@@ -560,10 +631,33 @@ impl Trainable for TextToVideoStage {
         } else {
             None
         };
-        let loss = diffusion_loss(&self.sched, &pred, &nb, &x0, dc.weighting, weights.as_ref())?;
+        let mut loss =
+            diffusion_loss(&self.sched, &pred, &nb, &x0, dc.weighting, weights.as_ref())?;
+        let mut metrics = vec![("uncond".to_string(), dropped as f64 / b.max(1) as f64)];
+        if let Some(wrong) = pred_wrong {
+            let mask = (latent_object_weights(
+                &batch.pixels,
+                &batch.backgrounds,
+                self.vae.config().spatial_compression(),
+                self.vae.config().temporal_compression_ratio as usize,
+                dc.object_dilate,
+                &vec![1.0; b],
+            )? - 1.0)?;
+            let valid: Vec<bool> = (0..b)
+                .map(|i| {
+                    let j = (i + 1) % b;
+                    !prompts[i].is_empty() && !prompts[j].is_empty() && prompts[i] != prompts[j]
+                })
+                .collect();
+            let (term, log_ratio) =
+                caption_contrast(&pred, &wrong, &nb.target, &mask, &valid, dc.contrast_margin)?;
+            loss = (loss + (term * dc.contrast_weight)?)?;
+            if let Some(r) = log_ratio {
+                metrics.push(("contrast".into(), r));
+            }
+        }
         let mut out = LossOutput::new(loss);
-        out.metrics
-            .push(("uncond".into(), dropped as f64 / b.max(1) as f64));
+        out.metrics = metrics;
         Ok(out)
     }
 

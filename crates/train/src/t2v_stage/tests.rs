@@ -645,3 +645,145 @@ fn object_weight_weights_the_loss_at_object_cells() {
     );
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn caption_contrast_by_hand_and_its_gradient() {
+    let dev = Device::Cpu;
+    // 4 samples of 1x2x3: sample 0 valid, 1 invalid (dropped caption), 2 valid but without an
+    // object cell, 3 valid with the wrong caption already worse by more than the margin.
+    let n = 4 * 6;
+    let own: Vec<f64> = (0..n).map(|i| ((i * 7 % 11) as f64 - 5.0) / 10.0).collect();
+    let wrong: Vec<f64> = (0..n).map(|i| ((i * 5 % 13) as f64 - 6.0) / 8.0).collect();
+    let target: Vec<f64> = (0..n).map(|i| ((i * 3 % 7) as f64 - 3.0) / 9.0).collect();
+    let mut mask = vec![0f64; n];
+    for (i, m) in mask.iter_mut().enumerate() {
+        let (s, k) = (i / 6, i % 6);
+        *m = f64::from(s != 2 && k % 2 == 0);
+    }
+    let valid = [true, false, true, true];
+    let margin = 0.02;
+    let t = |v: &[f64]| Tensor::from_vec(v.to_vec(), (4, 1, 2, 3), &dev).unwrap();
+    let (term, ratio) =
+        caption_contrast(&t(&own), &t(&wrong), &t(&target), &t(&mask), &valid, margin).unwrap();
+    let e = |p: &[f64], s: usize| -> f64 {
+        (s * 6..s * 6 + 6)
+            .map(|i| mask[i] * (p[i] - target[i]).powi(2))
+            .sum()
+    };
+    let r: Vec<f64> = [0, 3]
+        .iter()
+        .map(|&s| (e(&wrong, s) / e(&own, s)).ln())
+        .collect();
+    let want_term = r.iter().map(|r| (margin - r).max(0.0)).sum::<f64>() / 2.0;
+    let want_ratio = (r[0] + r[1]) / 2.0;
+    let got = term.to_scalar::<f64>().unwrap();
+    assert!((got - want_term).abs() < 1e-9, "{got} vs {want_term}");
+    assert!((ratio.unwrap() - want_ratio).abs() < 1e-9);
+    // The data above exercise both sides of the hinge.
+    assert!(
+        r.iter().any(|&r| r < margin) && r.iter().any(|&r| r > margin),
+        "{r:?}"
+    );
+    // No usable pair: a zero term, no ratio.
+    let (zero, none) = caption_contrast(
+        &t(&own),
+        &t(&wrong),
+        &t(&target),
+        &t(&mask),
+        &[false; 4],
+        margin,
+    )
+    .unwrap();
+    assert_eq!(zero.to_scalar::<f64>().unwrap(), 0.0);
+    assert!(none.is_none());
+    let err = caption_contrast(
+        &t(&own),
+        &t(&wrong),
+        &t(&target),
+        &t(&mask),
+        &valid[..3],
+        0.1,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("3 validity flags"), "{err}");
+    // Autograd through log, relu and the masked sums against finite differences.
+    let report = crate::gradcheck::check_grad(
+        |x| {
+            caption_contrast(&x[0], &x[1], &t(&target), &t(&mask), &valid, margin)
+                .map(|(term, _)| term)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        },
+        &[t(&own), t(&wrong)],
+        1e-6,
+        1e-6,
+    )
+    .unwrap();
+    assert!(report.max_abs_grad > 0.1, "{report:?}");
+}
+
+#[test]
+fn caption_contrast_adds_the_rolled_caption_term() {
+    let root = tmp("contrast");
+    let vae = root.join("vae");
+    tiny_vae(&vae);
+    let dev = Device::Cpu;
+    let mut cfg = tiny_config(&vae, &root.join("run"));
+    cfg.model["caption_dropout"] = serde_json::json!(0.0);
+    cfg.data.num_clips = Some(50);
+    cfg.diffusion.contrast_weight = 0.5;
+    cfg.diffusion.contrast_margin = 0.3;
+    cfg.diffusion.object_dilate = 0;
+    let stage = TextToVideoStage::new(&cfg, &dev).unwrap();
+    for (_, v) in &stage.vars() {
+        let mut rng = step_rng(9, "perturb", v.elem_count() as u64);
+        let noise = crate::objective::randn(v.dims(), &mut rng, &dev).unwrap();
+        v.set(&(v.as_tensor() + (noise * 0.05).unwrap()).unwrap())
+            .unwrap();
+    }
+    let b = &batches_for_step(&cfg.data, 0, 0, 3, 1, 0, &dev).unwrap()[0];
+    let out = stage.loss(b, &mut step_rng(0, "loss", 0)).unwrap();
+    let got = out.loss.to_scalar::<f32>().unwrap();
+    // The same draws by hand, each caption set in its own forward.
+    let mut rng = step_rng(0, "loss", 0);
+    let prompts: Vec<&str> = b.captions.iter().map(|c| c.as_str()).collect();
+    for _ in &prompts {
+        let _: f64 = rng.random();
+    }
+    let rolled: Vec<&str> = (0..prompts.len())
+        .map(|i| prompts[(i + 1) % prompts.len()])
+        .collect();
+    let encode = |p: &[&str]| stage.t5.forward(&stage.tokenize(p).unwrap()).unwrap();
+    let x0 = stage.latents(b, &mut rng).unwrap();
+    let nb = sample_noised(&stage.sched, &x0, &mut rng).unwrap();
+    let t: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
+    let t = Tensor::from_vec(t, x0.dim(0).unwrap(), &dev).unwrap();
+    let fwd = |text: &Tensor| {
+        stage
+            .transformer
+            .forward(&nb.noisy, text, &t, None)
+            .unwrap()
+    };
+    let (own, wrong) = (fwd(&encode(&prompts)), fwd(&encode(&rolled)));
+    let plain = diffusion_loss(&stage.sched, &own, &nb, &x0, LossWeighting::Cogvideox, None)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let mask = (latent_object_weights(&b.pixels, &b.backgrounds, 8, 4, 0, &[1.0; 3]).unwrap()
+        - 1.0)
+        .unwrap();
+    let valid: Vec<bool> = (0..3).map(|i| prompts[i] != rolled[i]).collect();
+    let (term, ratio) = caption_contrast(&own, &wrong, &nb.target, &mask, &valid, 0.3).unwrap();
+    let term = term.to_scalar::<f32>().unwrap();
+    assert!(
+        term > 0.0,
+        "an untrained model barely reads captions: {term}"
+    );
+    let want = plain + 0.5 * term;
+    assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
+    let logged = out.metrics.iter().find(|(k, _)| k == "contrast").unwrap().1;
+    assert!(
+        (logged - ratio.unwrap()).abs() < 1e-4,
+        "{logged} vs {ratio:?}"
+    );
+}
