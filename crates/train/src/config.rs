@@ -295,14 +295,14 @@ pub struct DiffusionConfig {
     /// this timestep x_t shows them. Default 999 (every sample).
     pub object_max_t: usize,
     /// Transformer stage: weight λ of a caption-contrast term. Each sample is also predicted
-    /// with the next sample's caption (batch order, rolled by one; the same noise and timestep),
-    /// and at its object cells (the mask of `object_weight`, dilated by `object_dilate`) the
-    /// term asks the squared error with the wrong caption to exceed the error with its own by
-    /// a factor e^margin: λ · mean over pairs of max(0, margin − ln(err_wrong / err_own)).
-    /// Pairs where either caption was dropped, the captions are equal or the clip has no object
-    /// cell do not count. It doubles the transformer's batch. The plain loss leaves the words
-    /// that name the objects nearly worthless (an object's colour shows in x_t about when its
-    /// place does); this term rewards reading them. Default 0 (off).
+    /// with another sample's caption (the next in the batch with the same background, see
+    /// [`crate::t2v_stage::contrast_partners`]; the same noise and timestep), and at its object
+    /// cells (the mask of `object_weight`, dilated by `object_dilate`) the term asks the squared
+    /// error with the wrong caption to exceed the error with its own by a factor e^margin:
+    /// λ · mean over pairs of max(0, margin − ln(err_wrong / err_own)). It doubles the
+    /// transformer's batch. The plain loss leaves the words that name the objects nearly
+    /// worthless (an object's colour shows in x_t about when its place does); this term rewards
+    /// reading them. Default 0 (off).
     pub contrast_weight: f64,
     /// The margin of `contrast_weight`'s term, on the log ratio of the errors. Default 0.2.
     pub contrast_margin: f64,

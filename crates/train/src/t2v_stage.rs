@@ -452,6 +452,27 @@ impl TextToVideoStage {
 }
 
 /// `value` (a serde struct's JSON object) with `_class_name` and `_diffusers_version` first.
+/// The partner whose caption each sample is contrasted with (`diffusion.contrast_weight`): the
+/// next sample in batch order (cyclically) with the same background and another, non-empty
+/// caption; `None` for a dropped caption or when there is none. The same background keeps the
+/// contrast on the objects: captions naming another background are told apart by the whole
+/// frame, which the model already reads.
+pub fn contrast_partners(prompts: &[&str], backgrounds: &[[u8; 3]]) -> Vec<Option<usize>> {
+    let b = prompts.len();
+    (0..b)
+        .map(|i| {
+            if prompts[i].is_empty() {
+                return None;
+            }
+            (1..b).map(|k| (i + k) % b).find(|&j| {
+                backgrounds.get(j) == backgrounds.get(i)
+                    && !prompts[j].is_empty()
+                    && prompts[j] != prompts[i]
+            })
+        })
+        .collect()
+}
+
 /// The caption-contrast term (see `diffusion.contrast_weight`): for each sample i with
 /// `valid[i]` and at least one cell in `mask` (`[B, ...]` of 0/1, broadcastable against the
 /// predictions), with e = Σ mask·(prediction − target)² over the sample,
@@ -593,13 +614,23 @@ impl Trainable for TextToVideoStage {
         let dc = &self.train_cfg.diffusion;
         let rope = rope.as_ref().map(|(c, s)| (c, s));
         // With the caption contrast, one forward of 2B: the batch with its own captions, then
-        // again with each sample's successor's caption (rolled by one).
-        let contrast = dc.contrast_weight > 0.0 && b >= 2;
-        let (pred, pred_wrong) = if contrast {
-            let rolled = Tensor::cat(&[text.narrow(0, 1, b - 1)?, text.narrow(0, 0, 1)?], 0)?;
+        // each sample with its partner's caption (see `contrast_partners`).
+        let partners = if dc.contrast_weight > 0.0 {
+            contrast_partners(&prompts, &batch.backgrounds)
+        } else {
+            Vec::new()
+        };
+        let (pred, pred_wrong) = if partners.iter().any(Option::is_some) {
+            let idx: Vec<u32> = partners
+                .iter()
+                .enumerate()
+                .map(|(i, p)| p.unwrap_or(i) as u32)
+                .collect();
+            let idx = Tensor::from_vec(idx, b, &self.device)?;
+            let wrong_text = text.index_select(&idx, 0)?;
             let both = self.transformer.forward(
                 &Tensor::cat(&[&nb.noisy, &nb.noisy], 0)?,
-                &Tensor::cat(&[&text, &rolled], 0)?,
+                &Tensor::cat(&[&text, &wrong_text], 0)?,
                 &Tensor::cat(&[&t, &t], 0)?,
                 rope,
             )?;
@@ -643,12 +674,7 @@ impl Trainable for TextToVideoStage {
                 dc.object_dilate,
                 &vec![1.0; b],
             )? - 1.0)?;
-            let valid: Vec<bool> = (0..b)
-                .map(|i| {
-                    let j = (i + 1) % b;
-                    !prompts[i].is_empty() && !prompts[j].is_empty() && prompts[i] != prompts[j]
-                })
-                .collect();
+            let valid: Vec<bool> = partners.iter().map(Option::is_some).collect();
             let (term, log_ratio) =
                 caption_contrast(&pred, &wrong, &nb.target, &mask, &valid, dc.contrast_margin)?;
             loss = (loss + (term * dc.contrast_weight)?)?;

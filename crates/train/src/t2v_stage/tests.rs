@@ -723,7 +723,7 @@ fn caption_contrast_by_hand_and_its_gradient() {
 }
 
 #[test]
-fn caption_contrast_adds_the_rolled_caption_term() {
+fn caption_contrast_adds_the_partner_caption_term() {
     let root = tmp("contrast");
     let vae = root.join("vae");
     tiny_vae(&vae);
@@ -741,7 +741,21 @@ fn caption_contrast_adds_the_rolled_caption_term() {
         v.set(&(v.as_tensor() + (noise * 0.05).unwrap()).unwrap())
             .unwrap();
     }
-    let b = &batches_for_step(&cfg.data, 0, 0, 3, 1, 0, &dev).unwrap()[0];
+    // The first step whose batch has two clips on one background (a pair to contrast).
+    let b = &(0..100)
+        .map(|step| {
+            batches_for_step(&cfg.data, 0, 0, 3, 1, step, &dev)
+                .unwrap()
+                .remove(0)
+        })
+        .find(|b| {
+            let caps: Vec<&str> = b.captions.iter().map(|c| c.as_str()).collect();
+            contrast_partners(&caps, &b.backgrounds)
+                .iter()
+                .any(Option::is_some)
+        })
+        .unwrap();
+    let n = b.captions.len();
     let out = stage.loss(b, &mut step_rng(0, "loss", 0)).unwrap();
     let got = out.loss.to_scalar::<f32>().unwrap();
     // The same draws by hand, each caption set in its own forward.
@@ -750,8 +764,12 @@ fn caption_contrast_adds_the_rolled_caption_term() {
     for _ in &prompts {
         let _: f64 = rng.random();
     }
-    let rolled: Vec<&str> = (0..prompts.len())
-        .map(|i| prompts[(i + 1) % prompts.len()])
+    let partners = contrast_partners(&prompts, &b.backgrounds);
+    assert!(partners.iter().any(Option::is_some), "{:?}", b.backgrounds);
+    let wrong_prompts: Vec<&str> = partners
+        .iter()
+        .enumerate()
+        .map(|(i, p)| prompts[p.unwrap_or(i)])
         .collect();
     let encode = |p: &[&str]| stage.t5.forward(&stage.tokenize(p).unwrap()).unwrap();
     let x0 = stage.latents(b, &mut rng).unwrap();
@@ -764,15 +782,15 @@ fn caption_contrast_adds_the_rolled_caption_term() {
             .forward(&nb.noisy, text, &t, None)
             .unwrap()
     };
-    let (own, wrong) = (fwd(&encode(&prompts)), fwd(&encode(&rolled)));
+    let (own, wrong) = (fwd(&encode(&prompts)), fwd(&encode(&wrong_prompts)));
     let plain = diffusion_loss(&stage.sched, &own, &nb, &x0, LossWeighting::Cogvideox, None)
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    let mask = (latent_object_weights(&b.pixels, &b.backgrounds, 8, 4, 0, &[1.0; 3]).unwrap()
+    let mask = (latent_object_weights(&b.pixels, &b.backgrounds, 8, 4, 0, &vec![1.0; n]).unwrap()
         - 1.0)
         .unwrap();
-    let valid: Vec<bool> = (0..3).map(|i| prompts[i] != rolled[i]).collect();
+    let valid: Vec<bool> = partners.iter().map(Option::is_some).collect();
     let (term, ratio) = caption_contrast(&own, &wrong, &nb.target, &mask, &valid, 0.3).unwrap();
     let term = term.to_scalar::<f32>().unwrap();
     assert!(
@@ -785,5 +803,30 @@ fn caption_contrast_adds_the_rolled_caption_term() {
     assert!(
         (logged - ratio.unwrap()).abs() < 1e-4,
         "{logged} vs {ratio:?}"
+    );
+}
+
+#[test]
+fn contrast_partners_share_the_background_and_differ_in_caption() {
+    let (k, g) = ([10, 10, 10], [90, 90, 90]);
+    let prompts = [
+        "a red circle on black",
+        "",
+        "a blue square on black",
+        "a red circle on black",
+        "a dot on gray",
+        "a big dot on black",
+    ];
+    let bgs = [k, k, k, k, g, k];
+    // 0 skips the dropped 1; 2 pairs with 3; 3 skips gray 4 for 5; 4 is alone on gray; 5 wraps
+    // past nothing to 0; the dropped caption has no partner.
+    assert_eq!(
+        contrast_partners(&prompts, &bgs),
+        vec![Some(2), None, Some(3), Some(5), None, Some(0)]
+    );
+    // Equal captions never pair: 0 and 3 alone have none.
+    assert_eq!(
+        contrast_partners(&[prompts[0], prompts[3]], &[k, k]),
+        vec![None, None]
     );
 }
