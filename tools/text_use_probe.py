@@ -24,7 +24,7 @@ from diffusers import CogVideoXPipeline
 from PIL import Image
 
 BACKGROUNDS = {"black": (10, 10, 10), "gray": (90, 90, 90), "navy": (20, 25, 75), "brown": (75, 45, 25)}
-TIMESTEPS = [150, 300, 450, 600, 750]
+TIMESTEPS = [150, 300, 450, 600, 750, 850, 950]
 
 
 def load_clips(folder, spatial=4, temporal=4):
