@@ -10,7 +10,9 @@
 //! `scaling_factor`, permuted to the transformer's `[B, F, C, h, w]`, noised, and the
 //! transformer's prediction is scored — with `diffusion.object_weight` > 0 as a weighted mean
 //! that weighs the latent cells at the clips' objects more (see
-//! [`crate::data::latent_object_weights`]).
+//! [`crate::data::latent_object_weights`]); with `diffusion.contrast_weight` > 0 each sample is
+//! also predicted with a partner's caption (same background, see [`contrast_partners`]) and
+//! [`caption_contrast`] asks the wrong caption to do worse at the objects.
 //!
 //! Frozen-VAE cache: when `data.num_clips` is finite the clips repeat, so the posterior
 //! `(mean, logvar)` of each (bucket, clip) is kept after its first encoding (the sample is

@@ -543,6 +543,16 @@ fn committed_config_builds() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Moves every var off its adaLN-Zero start (which predicts 0 whatever the text) by fixed noise.
+fn perturb(stage: &TextToVideoStage) {
+    for (_, v) in &stage.vars() {
+        let mut rng = step_rng(9, "perturb", v.elem_count() as u64);
+        let noise = crate::objective::randn(v.dims(), &mut rng, v.device()).unwrap();
+        v.set(&(v.as_tensor() + (noise * 0.05).unwrap()).unwrap())
+            .unwrap();
+    }
+}
+
 /// `diffusion.object_weight` makes the stage's loss the weighted mean whose weights come from
 /// the batch's object pixels at the VAE's latent grid; 0 keeps the plain mean.
 #[test]
@@ -555,12 +565,7 @@ fn object_weight_weights_the_loss_at_object_cells() {
     cfg.diffusion.object_weight = 3.0;
     cfg.diffusion.object_dilate = 0;
     let mut stage = TextToVideoStage::new(&cfg, &dev).unwrap();
-    for (_, v) in &stage.vars() {
-        let mut rng = step_rng(9, "perturb", v.elem_count() as u64);
-        let noise = crate::objective::randn(v.dims(), &mut rng, &dev).unwrap();
-        v.set(&(v.as_tensor() + (noise * 0.05).unwrap()).unwrap())
-            .unwrap();
-    }
+    perturb(&stage);
     let b = &batches_for_step(&cfg.data, 0, 0, 2, 1, 0, &dev).unwrap()[0];
     let got = stage
         .loss(b, &mut step_rng(0, "loss", 0))
@@ -722,6 +727,8 @@ fn caption_contrast_by_hand_and_its_gradient() {
     assert!(report.max_abs_grad > 0.1, "{report:?}");
 }
 
+/// `diffusion.contrast_weight` adds λ times the caption-contrast term of the predictions with
+/// the batch's own captions and with its partners' captions, from the same draws.
 #[test]
 fn caption_contrast_adds_the_partner_caption_term() {
     let root = tmp("contrast");
@@ -735,12 +742,7 @@ fn caption_contrast_adds_the_partner_caption_term() {
     cfg.diffusion.contrast_margin = 0.3;
     cfg.diffusion.object_dilate = 0;
     let stage = TextToVideoStage::new(&cfg, &dev).unwrap();
-    for (_, v) in &stage.vars() {
-        let mut rng = step_rng(9, "perturb", v.elem_count() as u64);
-        let noise = crate::objective::randn(v.dims(), &mut rng, &dev).unwrap();
-        v.set(&(v.as_tensor() + (noise * 0.05).unwrap()).unwrap())
-            .unwrap();
-    }
+    perturb(&stage);
     // The first step whose batch has two clips on one background (a pair to contrast).
     let b = &(0..100)
         .map(|step| {
