@@ -453,7 +453,6 @@ impl TextToVideoStage {
     }
 }
 
-/// `value` (a serde struct's JSON object) with `_class_name` and `_diffusers_version` first.
 /// The partner whose caption each sample is contrasted with (`diffusion.contrast_weight`): the
 /// next sample in batch order (cyclically) with the same background and another, non-empty
 /// caption; `None` for a dropped caption or when there is none. The same background keeps the
@@ -533,6 +532,7 @@ pub fn caption_contrast(
     Ok((term, Some(mean_ratio)))
 }
 
+/// `value` (a serde struct's JSON object) with `_class_name` and `_diffusers_version` first.
 fn diffusers_config<T: Serialize>(class: &str, value: &T) -> Result<String> {
     let mut m = serde_json::Map::new();
     m.insert("_class_name".into(), class.into());
