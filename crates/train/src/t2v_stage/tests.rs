@@ -797,7 +797,7 @@ fn caption_contrast_adds_the_partner_caption_term() {
     let term = term.to_scalar::<f32>().unwrap();
     assert!(
         term > 0.0,
-        "an untrained model barely reads captions: {term}"
+        "the hinge should be active (captions barely move a perturbed model): {term}"
     );
     let want = plain + 0.5 * term;
     assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
@@ -820,8 +820,8 @@ fn contrast_partners_share_the_background_and_differ_in_caption() {
         "a big dot on black",
     ];
     let bgs = [k, k, k, k, g, k];
-    // 0 skips the dropped 1; 2 pairs with 3; 3 skips gray 4 for 5; 4 is alone on gray; 5 wraps
-    // past nothing to 0; the dropped caption has no partner.
+    // 0 skips the dropped 1; 2 pairs with 3; 3 skips gray 4 for 5; 4 is alone on gray; 5 wraps round
+    // to 0; the dropped caption has no partner.
     assert_eq!(
         contrast_partners(&prompts, &bgs),
         vec![Some(2), None, Some(3), Some(5), None, Some(0)]
