@@ -640,45 +640,47 @@ impl Trainable for TextToVideoStage {
         } else {
             (self.transformer.forward(&nb.noisy, &text, &t, rope)?, None)
         };
-        let weights = if dc.object_weight > 0.0 {
-            // Object weighting only for the samples noised at or below object_max_t.
-            let per_clip: Vec<f64> = nb
-                .timesteps
-                .iter()
-                .map(|&t| {
-                    if t <= dc.object_max_t {
-                        dc.object_weight
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            Some(latent_object_weights(
-                &batch.pixels,
-                &batch.backgrounds,
-                self.vae.config().spatial_compression(),
-                self.vae.config().temporal_compression_ratio as usize,
-                dc.object_dilate,
-                &per_clip,
-            )?)
+        // The object cells (0/1), found once from the pixels: for the weighting and the contrast.
+        let mask = if dc.object_weight > 0.0 || pred_wrong.is_some() {
+            Some(
+                (latent_object_weights(
+                    &batch.pixels,
+                    &batch.backgrounds,
+                    self.vae.config().spatial_compression(),
+                    self.vae.config().temporal_compression_ratio as usize,
+                    dc.object_dilate,
+                    &vec![1.0; b],
+                )? - 1.0)?,
+            )
         } else {
             None
+        };
+        let weights = match &mask {
+            Some(mask) if dc.object_weight > 0.0 => {
+                // Object weighting only for the samples noised at or below object_max_t.
+                let per_clip: Vec<f32> = nb
+                    .timesteps
+                    .iter()
+                    .map(|&t| {
+                        if t <= dc.object_max_t {
+                            dc.object_weight as f32
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let per_clip = Tensor::from_vec(per_clip, (b, 1, 1, 1, 1), mask.device())?;
+                Some((mask.broadcast_mul(&per_clip)? + 1.0)?)
+            }
+            _ => None,
         };
         let mut loss =
             diffusion_loss(&self.sched, &pred, &nb, &x0, dc.weighting, weights.as_ref())?;
         let mut metrics = vec![("uncond".to_string(), dropped as f64 / b.max(1) as f64)];
-        if let Some(wrong) = pred_wrong {
-            let mask = (latent_object_weights(
-                &batch.pixels,
-                &batch.backgrounds,
-                self.vae.config().spatial_compression(),
-                self.vae.config().temporal_compression_ratio as usize,
-                dc.object_dilate,
-                &vec![1.0; b],
-            )? - 1.0)?;
+        if let (Some(wrong), Some(mask)) = (pred_wrong, &mask) {
             let valid: Vec<bool> = partners.iter().map(Option::is_some).collect();
             let (term, log_ratio) =
-                caption_contrast(&pred, &wrong, &nb.target, &mask, &valid, dc.contrast_margin)?;
+                caption_contrast(&pred, &wrong, &nb.target, mask, &valid, dc.contrast_margin)?;
             loss = (loss + (term * dc.contrast_weight)?)?;
             if let Some(r) = log_ratio {
                 metrics.push(("contrast".into(), r));
