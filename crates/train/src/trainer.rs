@@ -84,7 +84,11 @@ fn named_tensors(vars: &NamedVars) -> HashMap<String, Tensor> {
 
 /// Sets every var from `tensors` (read from `src`): each must be there with the var's shape, and
 /// no tensor may be left over.
-fn set_vars(vars: &NamedVars, tensors: &HashMap<String, Tensor>, src: &Path) -> Result<()> {
+pub(crate) fn set_vars(
+    vars: &NamedVars,
+    tensors: &HashMap<String, Tensor>,
+    src: &Path,
+) -> Result<()> {
     let names: std::collections::HashSet<&String> = vars.iter().map(|v| &v.0).collect();
     for (name, var) in vars {
         let t = tensors.get(name).ok_or_else(|| {

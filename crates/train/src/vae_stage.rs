@@ -10,6 +10,7 @@
 //! scaling_clips = 32     # 64x64x17 training clips the exported scaling_factor is measured on
 //! init_logvar = -6.0     # initial bias of the encoder's log-variance outputs
 //! zero_init_residual = true # resnet blocks start as their shortcut (conv2 weights 0)
+//! decoder_of = "runs/vae/export" # optional: fine-tune this VAE's decoder, its encoder frozen
 //! [model.vae]            # AutoencoderKLCogVideoX's config.json fields, diffusers' names
 //! block_out_channels = [32, 64, 64]
 //! down_block_types = ["CogVideoXDownBlock3D", "CogVideoXDownBlock3D", "CogVideoXDownBlock3D"]
@@ -28,6 +29,11 @@
 //! divided by the pixel count, so `kl_weight` has LDM's scale. Metrics: `mse` (of x̂, [-1, 1]
 //! scale), `psnr` (of the batch after 8-bit quantisation, as a video file would store it) and
 //! `kl` (mean KL per latent element, nats).
+//!
+//! With `decoder_of` (a diffusers `vae/` folder) the run starts from that VAE, its architecture
+//! and weights (no `[model.vae]` then), and trains only the decoder (`decoder.*`,
+//! `post_quant_conv.*`): the encoder, and so the latent space a transformer was trained on,
+//! stays bit for bit the folder's, and so does the exported `scaling_factor`.
 //!
 //! Export: `config.json` (`_class_name` `AutoencoderKLCogVideoX`, every config field) and
 //! `diffusion_pytorch_model.safetensors`, with `scaling_factor` = 1/std of posterior samples of
@@ -74,6 +80,9 @@ pub struct VaeStageConfig {
     /// so each block starts as its shortcut and the deep encoder/decoder trains like a shallow
     /// one at first (SkipInit/Fixup). Default true.
     pub zero_init_residual: bool,
+    /// A diffusers `vae/` folder whose decoder is fine-tuned, its encoder frozen (the
+    /// architecture is the folder's: `model.vae` must not be given). Default none.
+    pub decoder_of: Option<std::path::PathBuf>,
 }
 
 impl Default for VaeStageConfig {
@@ -85,6 +94,7 @@ impl Default for VaeStageConfig {
             scaling_clips: 32,
             init_logvar: -6.0,
             zero_init_residual: true,
+            decoder_of: None,
         }
     }
 }
@@ -116,9 +126,24 @@ impl VaeStageConfig {
                 ));
             }
         }
-        let cfg: Self = serde_path_to_error::deserialize(model.clone()).map_err(|e| {
+        let mut cfg: Self = serde_path_to_error::deserialize(model.clone()).map_err(|e| {
             Error::config(file, format!("model.{}", e.path()), e.inner().to_string())
         })?;
+        if let Some(dir) = &cfg.decoder_of {
+            if model.get("vae").is_some() {
+                return Err(Error::config(
+                    file,
+                    "model.vae",
+                    format!(
+                        "not used with model.decoder_of: the architecture is {}'s config.json",
+                        dir.display()
+                    ),
+                ));
+            }
+            let src = dir.join("config.json");
+            cfg.vae = vdit_core::config::load_config(&src)?;
+            cfg.vae.validate(&src)?;
+        }
         cfg.vae.validate(file).map_err(|e| match e {
             Error::Config { file, key, msg } => Error::Config {
                 file,
@@ -232,6 +257,17 @@ impl VaeStage {
             .map(|i| if i < lc { 0.0 } else { sc.init_logvar as f32 })
             .collect();
         bias.set(&Tensor::from_vec(init, 2 * lc, dev)?)?;
+        if let Some(dir) = &sc.decoder_of {
+            // Every var from the folder (the frozen encoder too); a resumed run then sets the
+            // decoder from its checkpoint.
+            let mut tensors = std::collections::HashMap::new();
+            for f in vdit_core::weights::find_safetensors(dir)? {
+                let t = candle_core::safetensors::load(&f, dev)
+                    .map_err(|e| Error::Weights(format!("{}: {e}", f.display())))?;
+                tensors.extend(t);
+            }
+            crate::trainer::set_vars(&vars.vars(), &tensors, dir)?;
+        }
         Ok(Self {
             cfg: sc,
             run: cfg.clone(),
@@ -289,6 +325,11 @@ impl VaeStage {
     }
 }
 
+/// A var of the decoder side (trained with `decoder_of`): `decoder.*` and `post_quant_conv.*`.
+fn is_decoder_var(name: &str) -> bool {
+    name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
+}
+
 /// PSNR in dB of `pred` against `target` (both in [-1, 1]) after 8-bit quantisation (capped
 /// at 99 dB for identical frames).
 pub fn psnr_8bit(pred: &Tensor, target: &Tensor) -> Result<f64> {
@@ -310,12 +351,22 @@ pub fn psnr_8bit(pred: &Tensor, target: &Tensor) -> Result<f64> {
 
 impl Trainable for VaeStage {
     fn vars(&self) -> Vec<(String, Var)> {
-        self.vars.vars()
+        let all = self.vars.vars();
+        if self.cfg.decoder_of.is_some() {
+            all.into_iter().filter(|(n, _)| is_decoder_var(n)).collect()
+        } else {
+            all
+        }
     }
 
     fn loss(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> Result<LossOutput> {
         let x = &batch.pixels; // [B, 3, F, H, W]
         let (mean, logvar) = self.model.encode(x)?;
+        let (mean, logvar) = if self.cfg.decoder_of.is_some() {
+            (mean.detach(), logvar.detach()) // the encoder is frozen: no backward through it
+        } else {
+            (mean, logvar)
+        };
         let z = posterior_sample(&mean, &logvar, rng)?;
         let rec = self.model.decode(&z)?; // [B, 3, F, H, W]
         let diff = (&rec - x)?;
@@ -339,13 +390,29 @@ impl Trainable for VaeStage {
 
     fn export(&self, dir: &Path, weights: &[(String, Tensor)]) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut weights = weights.to_vec();
+        if self.cfg.decoder_of.is_some() {
+            // The frozen encoder, as loaded.
+            weights.extend(
+                self.vars
+                    .vars()
+                    .into_iter()
+                    .filter(|(n, _)| !is_decoder_var(n))
+                    .map(|(n, v)| (n, v.as_tensor().detach())),
+            );
+            weights.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        let weights = &weights[..];
         let map: std::collections::HashMap<String, Tensor> = weights.iter().cloned().collect();
         let mut vcfg = self.cfg.vae.clone();
         let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &self.dev);
         let mut vae = AutoencoderKLCogVideoX::new(vcfg.clone(), vb)
             .map_err(vdit_core::weights::build_error)?;
         vae.set_tiling(false);
-        vcfg.scaling_factor = self.measure_scaling_factor(&vae)?;
+        if self.cfg.decoder_of.is_none() {
+            // (with a frozen encoder the folder's scaling_factor holds: the latents are its)
+            vcfg.scaling_factor = self.measure_scaling_factor(&vae)?;
+        }
         tracing::info!(scaling_factor = vcfg.scaling_factor, "VAE export");
         let mut json = serde_json::to_value(&vcfg).map_err(|e| Error::Msg(e.to_string()))?;
         let obj = json
@@ -499,6 +566,86 @@ mod tests {
         ];
         eprintln!("export round trip max diffs {d:?}");
         assert!(d.iter().all(|&x| x < 1e-4), "{d:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `decoder_of`: only the decoder trains; the exported encoder and scaling_factor are the
+    /// source folder's bit for bit, also across a resume (the encoder is reloaded from the
+    /// folder, the decoder from the checkpoint).
+    #[test]
+    fn decoder_of_trains_the_decoder_and_keeps_the_encoder() {
+        let dir = std::env::temp_dir().join(format!("vdit-vae-decoder-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let dev = Device::Cpu;
+        let mut src_cfg = tiny_run(&dir.join("src"));
+        src_cfg.steps = 4;
+        let src_stage = VaeStage::new(&src_cfg, &dev).unwrap();
+        let src = crate::trainer::train(&src_cfg, &src_stage, &dev, false, &mut |_| {
+            crate::Control::Continue
+        })
+        .unwrap()
+        .export
+        .unwrap();
+
+        let mut cfg = tiny_run(&dir.join("ft"));
+        cfg.model = serde_json::json!({ "scaling_clips": 4, "decoder_of": src });
+        cfg.steps = 6;
+        let stage = VaeStage::new(&cfg, &dev).unwrap();
+        let names: Vec<String> = stage.vars().into_iter().map(|(n, _)| n).collect();
+        assert!(names.iter().all(|n| n.starts_with("decoder.")), "{names:?}");
+        assert!(names
+            .iter()
+            .any(|n| n == "decoder.norm_out.conv_y.conv.weight"));
+        let stop = |p: &crate::Progress| {
+            if p.step >= 3 {
+                crate::Control::Stop
+            } else {
+                crate::Control::Continue
+            }
+        };
+        crate::trainer::train(&cfg, &stage, &dev, false, &mut { stop }).unwrap();
+        let stage = VaeStage::new(&cfg, &dev).unwrap();
+        let out =
+            crate::trainer::train(&cfg, &stage, &dev, true, &mut |_| crate::Control::Continue)
+                .unwrap();
+        assert_eq!(out.log.len(), 6);
+        let read = |d: &Path| {
+            let w =
+                candle_core::safetensors::load(d.join("diffusion_pytorch_model.safetensors"), &dev)
+                    .unwrap();
+            let c: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap();
+            (w, c)
+        };
+        let (a, ac) = read(&src);
+        let (b, bc) = read(&out.export.unwrap());
+        assert_eq!(ac, bc, "config.json, scaling_factor included");
+        let mut keys: Vec<&String> = a.keys().collect();
+        keys.sort();
+        assert_eq!(keys, {
+            let mut k: Vec<&String> = b.keys().collect();
+            k.sort();
+            k
+        });
+        let mut decoder_moved = false;
+        for k in keys {
+            let d = vdit_core::testing::max_abs_diff(&a[k], &b[k]).unwrap();
+            if is_decoder_var(k) {
+                decoder_moved |= d > 0.0;
+            } else {
+                assert_eq!(d, 0.0, "{k} changed");
+            }
+        }
+        assert!(decoder_moved);
+
+        // Errors name the key or the folder.
+        let mut bad = cfg.clone();
+        bad.model["vae"] = tiny_model()["vae"].clone();
+        let e = VaeStage::new(&bad, &dev).err().unwrap().to_string();
+        assert!(e.contains("model.vae") && e.contains("decoder_of"), "{e}");
+        bad.model = serde_json::json!({ "decoder_of": dir.join("nowhere") });
+        let e = VaeStage::new(&bad, &dev).err().unwrap().to_string();
+        assert!(e.contains("nowhere"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
