@@ -3,11 +3,13 @@
 # diffusers folder of the text-to-video run (which holds the VAE it was trained on), the exact
 # configs and loss logs of both runs (named after the run folders: training/<run>.json,
 # training/<run>_loss.jsonl, so the logs of earlier legs stay beside them), and keeps the model
-# card and eval reports in place.
-#   tools/ship-default-model.sh [runs/vae] [runs/t2v]
+# card and eval reports in place. A third run, a decoder fine-tune of that VAE (a `stage = "vae"`
+# run with model.decoder_of: same encoder, same latents), replaces vae/ with its export.
+#   tools/ship-default-model.sh [runs/vae] [runs/t2v] [runs/vae_decoder]
 set -euo pipefail
 vae=${1:-runs/vae}
 t2v=${2:-runs/t2v}
+decoder=${3:-}
 dst=models/vdit-shapes
 for f in "$t2v/export/model_index.json" "$vae/config.json" "$t2v/config.json"; do
   [ -f "$f" ] || { echo "missing $f: finish (or export with --resume --steps N) the runs first" >&2; exit 1; }
@@ -16,10 +18,16 @@ for c in vae transformer text_encoder tokenizer scheduler; do
   rm -rf "${dst:?}/$c"
   cp -r "$t2v/export/$c" "$dst/$c"
 done
+if [ -n "$decoder" ]; then
+  [ -f "$decoder/export/config.json" ] || { echo "missing $decoder/export: finish the decoder run first" >&2; exit 1; }
+  grep -q '"decoder_of"' "$decoder/config.json" || { echo "$decoder is not a decoder_of run" >&2; exit 1; }
+  rm -rf "${dst:?}/vae"
+  cp -r "$decoder/export" "$dst/vae"
+fi
 cp "$t2v/export/model_index.json" "$dst/"
 [ -f "$t2v/export/generation_config.json" ] && cp "$t2v/export/generation_config.json" "$dst/"
 mkdir -p "$dst/training"
-for run in "$vae" "$t2v"; do
+for run in "$vae" "$t2v" $decoder; do
   name=$(basename "$run")
   cp "$run/config.json" "$dst/training/$name.json"
   cp "$run/loss.jsonl" "$dst/training/${name}_loss.jsonl"

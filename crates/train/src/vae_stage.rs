@@ -660,6 +660,25 @@ mod tests {
         assert_eq!(stage.stage_config().vae.latent_channels, 16);
     }
 
+    /// configs/vae_decoder.toml builds on the shipped VAE (its `decoder_of`, runs/vae/export,
+    /// holds the same weights once the VAE run is reproduced).
+    #[test]
+    fn the_decoder_config_builds_on_the_shipped_vae() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut cfg = TrainConfig::load(&root.join("configs/vae_decoder.toml")).unwrap();
+        assert_eq!(cfg.model["decoder_of"], "runs/vae/export");
+        cfg.model["decoder_of"] = root
+            .join("../../models/vdit-shapes/vae")
+            .to_string_lossy()
+            .into_owned()
+            .into();
+        let stage = VaeStage::new(&cfg, &Device::Cpu).unwrap();
+        let vars = stage.vars();
+        assert!(vars.iter().all(|(n, _)| n.starts_with("decoder.")));
+        let n: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+        assert!(n > 0 && n * 4 < 8_000_000, "{n} decoder parameters");
+    }
+
     #[test]
     fn bad_model_settings_name_the_key() {
         let err = |model: serde_json::Value| {
