@@ -551,18 +551,13 @@ fn diffusers_config<T: Serialize>(class: &str, value: &T) -> Result<String> {
 }
 
 /// The VAE's `config.json` with an integral `temporal_compression_ratio` written as an integer
-/// (`4`, as in the upstream checkpoints): diffusers' `CogVideoXPipeline` computes the latent
-/// frame count as `(num_frames - 1) // ratio + 1`, and a float there (`4.0`) makes its
-/// `torch.randn` fail on a float size.
+/// (see [`crate::vae_stage::integral_temporal_ratio`]; VAE folders exported before it wrote
+/// `4.0`).
 fn vae_config_for_diffusers(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::config(path, "<json>", format!("not valid JSON: {e}")))?;
-    if let Some(r) = v.get_mut("temporal_compression_ratio") {
-        if let Some(f) = r.as_f64().filter(|f| f.fract() == 0.0 && *f >= 1.0) {
-            *r = serde_json::Value::from(f as u64);
-        }
-    }
+    crate::vae_stage::integral_temporal_ratio(&mut v);
     serde_json::to_string_pretty(&v)
         .map(|s| s + "\n")
         .map_err(|e| Error::Msg(e.to_string()))

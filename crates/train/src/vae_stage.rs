@@ -325,6 +325,18 @@ impl VaeStage {
     }
 }
 
+/// Writes an integral `temporal_compression_ratio` of a VAE `config.json` as an integer (`4`, as
+/// in the upstream checkpoints): diffusers' `CogVideoXPipeline` computes the latent frame count
+/// as `(num_frames - 1) // ratio + 1`, and a float there (`4.0`) makes its `torch.randn` fail on
+/// a float size.
+pub(crate) fn integral_temporal_ratio(config: &mut serde_json::Value) {
+    if let Some(r) = config.get_mut("temporal_compression_ratio") {
+        if let Some(f) = r.as_f64().filter(|f| f.fract() == 0.0 && *f >= 1.0) {
+            *r = serde_json::Value::from(f as u64);
+        }
+    }
+}
+
 /// A var of the decoder side (trained with `decoder_of`): `decoder.*` and `post_quant_conv.*`.
 fn is_decoder_var(name: &str) -> bool {
     name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
@@ -420,7 +432,9 @@ impl Trainable for VaeStage {
             .expect("a struct serialises to an object");
         obj.insert("_class_name".into(), "AutoencoderKLCogVideoX".into());
         obj.insert("_diffusers_version".into(), DIFFUSERS_VERSION.into());
-        let bytes = serde_json::to_vec_pretty(&json).map_err(|e| Error::Msg(e.to_string()))?;
+        integral_temporal_ratio(&mut json);
+        let mut bytes = serde_json::to_vec_pretty(&json).map_err(|e| Error::Msg(e.to_string()))?;
+        bytes.push(b'\n');
         save_weights(&dir.join("diffusion_pytorch_model.safetensors"), weights)?;
         crate::checkpoint::write_atomic(&dir.join("config.json"), &bytes)?;
         // The folder must load as the inference engine will load it.
@@ -545,6 +559,7 @@ mod tests {
         assert_eq!(json["_class_name"], "AutoencoderKLCogVideoX");
         assert_eq!(json["_diffusers_version"], DIFFUSERS_VERSION);
         assert_eq!(json["block_out_channels"], serde_json::json!([8, 16, 16]));
+        assert_eq!(json["temporal_compression_ratio"], serde_json::json!(4)); // an integer
         let mut vae = AutoencoderKLCogVideoX::load(&export, DType::F32, &dev).unwrap();
         vae.set_tiling(false);
         let sf = json["scaling_factor"].as_f64().unwrap();
