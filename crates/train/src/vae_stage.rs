@@ -130,15 +130,18 @@ impl VaeStageConfig {
             Error::config(file, format!("model.{}", e.path()), e.inner().to_string())
         })?;
         if let Some(dir) = &cfg.decoder_of {
-            if model.get("vae").is_some() {
-                return Err(Error::config(
-                    file,
-                    "model.vae",
-                    format!(
-                        "not used with model.decoder_of: the architecture is {}'s config.json",
-                        dir.display()
-                    ),
-                ));
+            // The architecture and every initial weight are the folder's.
+            for key in ["vae", "init_logvar", "zero_init_residual"] {
+                if model.get(key).is_some() {
+                    return Err(Error::config(
+                        file,
+                        format!("model.{key}"),
+                        format!(
+                            "not used with model.decoder_of: the VAE is {}'s (config.json and weights)",
+                            dir.display()
+                        ),
+                    ));
+                }
             }
             let src = dir.join("config.json");
             cfg.vae = vdit_core::config::load_config(&src)?;
@@ -658,6 +661,12 @@ mod tests {
         bad.model["vae"] = tiny_model()["vae"].clone();
         let e = VaeStage::new(&bad, &dev).err().unwrap().to_string();
         assert!(e.contains("model.vae") && e.contains("decoder_of"), "{e}");
+        bad.model = serde_json::json!({ "decoder_of": src, "init_logvar": -4.0 });
+        let e = VaeStage::new(&bad, &dev).err().unwrap().to_string();
+        assert!(
+            e.contains("model.init_logvar") && e.contains("decoder_of"),
+            "{e}"
+        );
         bad.model = serde_json::json!({ "decoder_of": dir.join("nowhere") });
         let e = VaeStage::new(&bad, &dev).err().unwrap().to_string();
         assert!(e.contains("nowhere"), "{e}");
