@@ -661,21 +661,22 @@ mod tests {
             e.contains("diffusion.object_weight") && e.contains("Toy"),
             "{e}"
         );
+        let err = |c: &TrainConfig| c.validate(Path::new("d.toml")).unwrap_err().to_string();
         cfg = TrainConfig::default();
         cfg.diffusion.contrast_margin = f64::NAN;
-        let e = cfg.validate(Path::new("d.toml")).unwrap_err().to_string();
+        let e = err(&cfg);
         assert!(e.contains("diffusion.contrast_margin"), "{e}");
         cfg.diffusion.contrast_margin = 0.2;
         cfg.diffusion.contrast_weight = 0.1;
         cfg.stage = Stage::Vae;
-        let e = cfg.validate(Path::new("d.toml")).unwrap_err().to_string();
+        let e = err(&cfg);
         assert!(
             e.contains("diffusion.contrast_weight") && e.contains("Vae"),
             "{e}"
         );
         cfg.stage = Stage::Transformer;
         cfg.diffusion.contrast_weight = -0.1;
-        let e = cfg.validate(Path::new("d.toml")).unwrap_err().to_string();
+        let e = err(&cfg);
         assert!(
             e.contains("diffusion.contrast_weight") && e.contains("-0.1"),
             "{e}"

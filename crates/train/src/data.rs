@@ -218,11 +218,8 @@ pub fn render_clips(
     })
 }
 
-/// Per-element loss weights `[B, F', 1, h, w]` at the latent grid of a causal VAE
-/// (`spatial`x spatial, `temporal`x temporal compression: latent frame 0 covers pixel frame 0,
-/// latent frame j ≥ 1 pixel frames 4j−3..=4j for 4x): for clip i, `1 + object_weights[i]` where
-/// the latent cell's footprint, grown by `dilate` cells each way (the VAE spreads an edge into
-/// its neighbours), holds a pixel differing from the clip's background colour, else 1.
+/// Per-element loss weights `[B, F', 1, h, w]`: for clip i, `1 + object_weights[i]` at the
+/// object cells of [`latent_object_mask`], else 1.
 pub fn latent_object_weights(
     pixels: &Tensor,
     backgrounds: &[[u8; 3]],
@@ -231,15 +228,46 @@ pub fn latent_object_weights(
     dilate: usize,
     object_weights: &[f64],
 ) -> Result<Tensor> {
+    let mask = latent_object_mask(pixels, backgrounds, spatial, temporal, dilate)?;
+    object_weights_from_mask(&mask, object_weights)
+}
+
+/// `1 + object_weights[i]·mask[i]` for a 0/1 mask `[B, ...]` of [`latent_object_mask`].
+pub fn object_weights_from_mask(mask: &Tensor, object_weights: &[f64]) -> Result<Tensor> {
+    let b = mask.dim(0)?;
+    if object_weights.len() != b {
+        return Err(Error::invalid(
+            "object weights",
+            format!("{} weights for {b} clips", object_weights.len()),
+        ));
+    }
+    let mut shape = vec![1; mask.rank()];
+    shape[0] = b;
+    let w: Vec<f32> = object_weights.iter().map(|&w| w as f32).collect();
+    let w = Tensor::from_vec(w, shape, mask.device())?;
+    Ok((mask.broadcast_mul(&w)? + 1.0)?)
+}
+
+/// The object cells (1, else 0), `[B, F', 1, h, w]`, at the latent grid of a causal VAE
+/// (`spatial`x spatial, `temporal`x temporal compression: latent frame 0 covers pixel frame 0,
+/// latent frame j ≥ 1 pixel frames 4j−3..=4j for 4x): the cells whose footprint, grown by
+/// `dilate` cells each way (the VAE spreads an edge into its neighbours), holds a pixel differing
+/// from the clip's background colour.
+pub fn latent_object_mask(
+    pixels: &Tensor,
+    backgrounds: &[[u8; 3]],
+    spatial: usize,
+    temporal: usize,
+    dilate: usize,
+) -> Result<Tensor> {
     let (b, c, f, h, w) = pixels.dims5()?;
-    if c != 3 || backgrounds.len() != b || object_weights.len() != b {
+    if c != 3 || backgrounds.len() != b {
         return Err(Error::invalid(
             "object weights",
             format!(
-                "pixels {:?} with {} background colours and {} weights: expected [B, 3, F, H, W] and B of each",
+                "pixels {:?} with {} background colours: expected [B, 3, F, H, W] and B colours",
                 pixels.dims(),
                 backgrounds.len(),
-                object_weights.len()
             ),
         ));
     }
@@ -258,14 +286,11 @@ pub fn latent_object_weights(
     let (lf, lh, lw) = (1 + (f - 1) / temporal, h / spatial, w / spatial);
     let px = pixels.detach().flatten_all()?.to_vec1::<f32>()?;
     let plane = h * w;
-    let mut out = vec![1f32; b * lf * lh * lw];
+    let mut out = vec![0f32; b * lf * lh * lw];
     // An 8-bit value v is stored as v/127.5 − 1; anything further than half a level is another
     // colour.
     let tol = 0.5 / 127.5;
-    for (i, (bg, &object_weight)) in backgrounds.iter().zip(object_weights).enumerate() {
-        if object_weight == 0.0 {
-            continue;
-        }
+    for (i, bg) in backgrounds.iter().enumerate() {
         let bg: Vec<f32> = bg.iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
         let clip = &px[i * 3 * f * plane..(i + 1) * 3 * f * plane];
         let mut hit = vec![false; lf * lh * lw];
@@ -297,8 +322,7 @@ pub fn latent_object_weights(
                         })
                     });
                     if near {
-                        out[((i * lf + j) * lh + y as usize) * lw + x as usize] =
-                            1.0 + object_weight as f32;
+                        out[((i * lf + j) * lh + y as usize) * lw + x as usize] = 1.0;
                     }
                 }
             }

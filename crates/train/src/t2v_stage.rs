@@ -44,7 +44,7 @@
 
 use crate::cogvideox_train::TrainCogVideoX;
 use crate::config::{LossWeighting, TrainConfig};
-use crate::data::{latent_object_weights, Batch};
+use crate::data::{latent_object_mask, object_weights_from_mask, Batch};
 use crate::init::{default_rule, SeededVarMap};
 use crate::objective::{diffusion_loss, posterior_sample, sample_noised};
 use crate::t5_train::{write_text_encoder_folder, T5Config, TrainT5};
@@ -637,35 +637,31 @@ impl Trainable for TextToVideoStage {
         };
         // The object cells (0/1), found once from the pixels: for the weighting and the contrast.
         let mask = if dc.object_weight > 0.0 || pred_wrong.is_some() {
-            Some(
-                (latent_object_weights(
-                    &batch.pixels,
-                    &batch.backgrounds,
-                    self.vae.config().spatial_compression(),
-                    self.vae.config().temporal_compression_ratio as usize,
-                    dc.object_dilate,
-                    &vec![1.0; b],
-                )? - 1.0)?,
-            )
+            Some(latent_object_mask(
+                &batch.pixels,
+                &batch.backgrounds,
+                self.vae.config().spatial_compression(),
+                self.vae.config().temporal_compression_ratio as usize,
+                dc.object_dilate,
+            )?)
         } else {
             None
         };
         let weights = match &mask {
             Some(mask) if dc.object_weight > 0.0 => {
                 // Object weighting only for the samples noised at or below object_max_t.
-                let per_clip: Vec<f32> = nb
+                let per_clip: Vec<f64> = nb
                     .timesteps
                     .iter()
                     .map(|&t| {
                         if t <= dc.object_max_t {
-                            dc.object_weight as f32
+                            dc.object_weight
                         } else {
                             0.0
                         }
                     })
                     .collect();
-                let per_clip = Tensor::from_vec(per_clip, (b, 1, 1, 1, 1), mask.device())?;
-                Some((mask.broadcast_mul(&per_clip)? + 1.0)?)
+                Some(object_weights_from_mask(mask, &per_clip)?)
             }
             _ => None,
         };

@@ -1,6 +1,6 @@
 use super::*;
 use crate::config::Stage;
-use crate::data::{batches_for_step, step_rng, Bucket};
+use crate::data::{batches_for_step, latent_object_weights, step_rng, Bucket};
 use crate::gradcheck::assert_all_vars_get_grads;
 use crate::trainer::{export_dir, train, Control};
 use vdit_core::folder::PipelineFolder;
@@ -789,9 +789,7 @@ fn caption_contrast_adds_the_partner_caption_term() {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    let mask = (latent_object_weights(&b.pixels, &b.backgrounds, 8, 4, 0, &vec![1.0; n]).unwrap()
-        - 1.0)
-        .unwrap();
+    let mask = latent_object_mask(&b.pixels, &b.backgrounds, 8, 4, 0).unwrap();
     let valid: Vec<bool> = partners.iter().map(Option::is_some).collect();
     let (term, ratio) = caption_contrast(&own, &wrong, &nb.target, &mask, &valid, 0.3).unwrap();
     let term = term.to_scalar::<f32>().unwrap();
