@@ -757,7 +757,6 @@ fn caption_contrast_adds_the_partner_caption_term() {
                 .any(Option::is_some)
         })
         .unwrap();
-    let n = b.captions.len();
     let out = stage.loss(b, &mut step_rng(0, "loss", 0)).unwrap();
     let got = out.loss.to_scalar::<f32>().unwrap();
     // The same draws by hand, each caption set in its own forward.
