@@ -626,6 +626,33 @@ mod tests {
         assert_eq!(c.ema.decay, 0.99);
     }
 
+    /// Every committed config parses and validates: a misspelt key or a bad value in one fails
+    /// here, not at the start of a leg of a long run.
+    #[test]
+    fn every_committed_config_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let c = TrainConfig::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                c.validate(&p).unwrap_or_else(|e| panic!("{e}"));
+                names.push(p.file_stem().unwrap().to_string_lossy().into_owned());
+            }
+        }
+        names.sort();
+        for want in [
+            "t2v",
+            "t2v_contrast",
+            "t2v_contrast2",
+            "toy",
+            "vae",
+            "vae_decoder",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+        }
+    }
+
     #[test]
     fn errors_name_the_key() {
         let e = TrainConfig::from_json(Path::new("c.json"), r#"{"optim": {"lrr": 1}}"#)
