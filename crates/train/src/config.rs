@@ -50,6 +50,7 @@
 //! object_max_t = 999       # ... only for samples noised at a timestep <= this
 //! contrast_weight = 0.0    # transformer stage: weight of the caption-contrast term
 //! contrast_margin = 0.2    # ... its margin on ln(err with another caption / err with its own)
+//! contrast_partners = "batch" # ... the other caption: "batch" (another clip's) or "edit" (one word changed)
 //! [diffusion.scheduler]    # CogVideoXDDIMScheduler config (diffusers names); default CogVideoX-2b's
 //!
 //! [model]                  # stage-specific, read by the stage's builder (the toy: channels, pool)
@@ -271,6 +272,19 @@ pub enum LossWeighting {
     Cogvideox,
 }
 
+/// Whose caption a sample is contrasted with (`diffusion.contrast_partners`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContrastPartners {
+    /// Another clip's caption: the next clip in the batch on the same background
+    /// ([`crate::t2v_stage::contrast_partners`]).
+    Batch,
+    /// The sample's own caption with one object word changed (a colour, shape, size, direction
+    /// or speed: [`crate::t2v_stage::edit_caption`]): a minimal pair, so the term rewards reading
+    /// each attribute word rather than telling whole captions apart.
+    Edit,
+}
+
 /// The diffusion objective (used by the toy and transformer stages).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -306,6 +320,9 @@ pub struct DiffusionConfig {
     pub contrast_weight: f64,
     /// The margin of `contrast_weight`'s term, on the log ratio of the errors. Default 0.2.
     pub contrast_margin: f64,
+    /// The wrong captions of `contrast_weight`'s term: `batch` (another clip's) or `edit` (its
+    /// own with one object word changed). Default `batch`.
+    pub contrast_partners: ContrastPartners,
 }
 
 impl Default for DiffusionConfig {
@@ -318,6 +335,7 @@ impl Default for DiffusionConfig {
             object_max_t: 999,
             contrast_weight: 0.0,
             contrast_margin: 0.2,
+            contrast_partners: ContrastPartners::Batch,
         }
     }
 }

@@ -11,7 +11,8 @@
 //! transformer's prediction is scored — with `diffusion.object_weight` > 0 as a weighted mean
 //! that weighs the latent cells at the clips' objects more (see
 //! [`crate::data::latent_object_weights`]); with `diffusion.contrast_weight` > 0 each sample is
-//! also predicted with a partner's caption (same background, see [`contrast_partners`]) and
+//! also predicted with a wrong caption — a partner's (same background, see
+//! [`contrast_partners`]) or its own with one object word changed ([`edit_caption`]) — and
 //! [`caption_contrast`] asks the wrong caption to do worse at the objects.
 //!
 //! Frozen-VAE cache: when `data.num_clips` is finite the clips repeat, so the posterior
@@ -43,7 +44,7 @@
 //! ```
 
 use crate::cogvideox_train::TrainCogVideoX;
-use crate::config::{LossWeighting, TrainConfig};
+use crate::config::{ContrastPartners, LossWeighting, TrainConfig};
 use crate::data::{latent_object_mask, object_weights_from_mask, Batch};
 use crate::init::{default_rule, SeededVarMap};
 use crate::objective::{diffusion_loss, posterior_sample, sample_noised};
@@ -474,6 +475,56 @@ pub fn contrast_partners(prompts: &[&str], backgrounds: &[[u8; 3]]) -> Vec<Optio
         .collect()
 }
 
+/// A minimal-pair wrong caption (`diffusion.contrast_partners = "edit"`): `caption` with one
+/// object word replaced by another value of its attribute — a colour, shape, size, direction
+/// or speed adverb (backgrounds are left alone: the term is about the objects) — and an `a`/`an`
+/// right before it made to agree with the new word. The attribute is drawn uniformly among those
+/// the caption states, then one of its words, then the new value. `None` for a caption without
+/// such a word (a dropped caption).
+pub fn edit_caption(caption: &str, rng: &mut impl Rng) -> Option<String> {
+    use vdit_world::{Colour, Motion, Shape, Size};
+    let colours: Vec<&str> = Colour::ALL.iter().map(|c| c.name()).collect();
+    let shapes: Vec<&str> = Shape::ALL.iter().map(|c| c.name()).collect();
+    let sizes: Vec<&str> = Size::ALL.iter().map(|c| c.name()).collect();
+    let directions: Vec<&str> = Motion::ALL
+        .iter()
+        .filter(|m| **m != Motion::Still)
+        .map(|c| c.name())
+        .collect();
+    let speeds = vec!["slowly", "quickly"];
+    let classes = [colours, shapes, sizes, directions, speeds];
+    let mut words: Vec<String> = caption.split_whitespace().map(str::to_string).collect();
+    // (class, positions of its words in the caption) for the classes the caption states
+    let present: Vec<(usize, Vec<usize>)> = classes
+        .iter()
+        .enumerate()
+        .map(|(c, values)| {
+            let at = (0..words.len())
+                .filter(|&i| values.contains(&words[i].as_str()))
+                .collect::<Vec<_>>();
+            (c, at)
+        })
+        .filter(|(_, at)| !at.is_empty())
+        .collect();
+    if present.is_empty() {
+        return None;
+    }
+    let (class, at) = &present[rng.random_range(0..present.len())];
+    let i = at[rng.random_range(0..at.len())];
+    let others: Vec<&str> = classes[*class]
+        .iter()
+        .copied()
+        .filter(|v| *v != words[i])
+        .collect();
+    let new = others[rng.random_range(0..others.len())];
+    words[i] = new.to_string();
+    if i > 0 && (words[i - 1] == "a" || words[i - 1] == "an") {
+        let vowel = new.starts_with(['a', 'e', 'i', 'o', 'u']);
+        words[i - 1] = if vowel { "an" } else { "a" }.to_string();
+    }
+    Some(words.join(" "))
+}
+
 /// The caption-contrast term (see `diffusion.contrast_weight`): for each sample i with
 /// `valid[i]` and at least one cell in `mask` (`[B, ...]` of 0/1, broadcastable against the
 /// predictions), with e = Σ mask·(prediction − target)² over the sample,
@@ -611,23 +662,41 @@ impl Trainable for TextToVideoStage {
         let dc = &self.train_cfg.diffusion;
         let rope = rope.as_ref().map(|(c, s)| (c, s));
         // With the caption contrast, one forward of 2B: the batch with its own captions, then
-        // each sample with its partner's caption (see `contrast_partners`).
-        let partners = if dc.contrast_weight > 0.0 {
-            contrast_partners(&prompts, &batch.backgrounds)
+        // each sample with a wrong caption: its partner's (see `contrast_partners`) or its own
+        // with one word changed (see `edit_caption`).
+        let wrong: Option<(Tensor, Vec<bool>)> = if dc.contrast_weight <= 0.0 {
+            None
         } else {
-            Vec::new()
-        };
-        let (pred, pred_wrong) = if partners.iter().any(Option::is_some) {
-            let idx: Vec<u32> = partners
-                .iter()
-                .enumerate()
-                .map(|(i, p)| p.unwrap_or(i) as u32)
-                .collect();
-            let idx = Tensor::from_vec(idx, b, &self.device)?;
-            let wrong_text = text.index_select(&idx, 0)?;
+            match dc.contrast_partners {
+                ContrastPartners::Batch => {
+                    let partners = contrast_partners(&prompts, &batch.backgrounds);
+                    let idx: Vec<u32> = partners
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| p.unwrap_or(i) as u32)
+                        .collect();
+                    let idx = Tensor::from_vec(idx, b, &self.device)?;
+                    let valid: Vec<bool> = partners.iter().map(Option::is_some).collect();
+                    Some((text.index_select(&idx, 0)?, valid))
+                }
+                ContrastPartners::Edit => {
+                    let edited: Vec<Option<String>> =
+                        prompts.iter().map(|p| edit_caption(p, rng)).collect();
+                    let wrong_prompts: Vec<&str> = edited
+                        .iter()
+                        .zip(&prompts)
+                        .map(|(e, p)| e.as_deref().unwrap_or(p))
+                        .collect();
+                    let wrong_text = self.t5.forward(&self.tokenize(&wrong_prompts)?)?;
+                    Some((wrong_text, edited.iter().map(Option::is_some).collect()))
+                }
+            }
+        }
+        .filter(|(_, valid)| valid.iter().any(|v| *v));
+        let (pred, pred_wrong) = if let Some((wrong_text, _)) = &wrong {
             let both = self.transformer.forward(
                 &Tensor::cat(&[&nb.noisy, &nb.noisy], 0)?,
-                &Tensor::cat(&[&text, &wrong_text], 0)?,
+                &Tensor::cat(&[&text, wrong_text], 0)?,
                 &Tensor::cat(&[&t, &t], 0)?,
                 rope,
             )?;
@@ -668,10 +737,15 @@ impl Trainable for TextToVideoStage {
         let mut loss =
             diffusion_loss(&self.sched, &pred, &nb, &x0, dc.weighting, weights.as_ref())?;
         let mut metrics = vec![("uncond".to_string(), dropped as f64 / b.max(1) as f64)];
-        if let (Some(wrong), Some(mask)) = (pred_wrong, &mask) {
-            let valid: Vec<bool> = partners.iter().map(Option::is_some).collect();
-            let (term, log_ratio) =
-                caption_contrast(&pred, &wrong, &nb.target, mask, &valid, dc.contrast_margin)?;
+        if let (Some(pred_wrong), Some(mask), Some((_, valid))) = (pred_wrong, &mask, &wrong) {
+            let (term, log_ratio) = caption_contrast(
+                &pred,
+                &pred_wrong,
+                &nb.target,
+                mask,
+                valid,
+                dc.contrast_margin,
+            )?;
             loss = (loss + (term * dc.contrast_weight)?)?;
             if let Some(r) = log_ratio {
                 metrics.push(("contrast".into(), r));

@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::Stage;
+use crate::config::{ContrastPartners, Stage};
 use crate::data::{batches_for_step, latent_object_weights, step_rng, Bucket};
 use crate::gradcheck::assert_all_vars_get_grads;
 use crate::trainer::{export_dir, train, Control};
@@ -731,7 +731,18 @@ fn caption_contrast_by_hand_and_its_gradient() {
 /// the batch's own captions and with its partners' captions, from the same draws.
 #[test]
 fn caption_contrast_adds_the_partner_caption_term() {
-    let root = tmp("contrast");
+    contrast_term_equals_the_one_by_hand(ContrastPartners::Batch);
+}
+
+/// The same with `contrast_partners = "edit"`: the wrong captions are the batch's own with one
+/// word changed, drawn after the noise.
+#[test]
+fn caption_contrast_adds_the_edited_caption_term() {
+    contrast_term_equals_the_one_by_hand(ContrastPartners::Edit);
+}
+
+fn contrast_term_equals_the_one_by_hand(mode: ContrastPartners) {
+    let root = tmp(&format!("contrast-{mode:?}"));
     let vae = root.join("vae");
     tiny_vae(&vae);
     let dev = Device::Cpu;
@@ -740,6 +751,7 @@ fn caption_contrast_adds_the_partner_caption_term() {
     cfg.data.num_clips = Some(50);
     cfg.diffusion.contrast_weight = 0.5;
     cfg.diffusion.contrast_margin = 0.3;
+    cfg.diffusion.contrast_partners = mode;
     cfg.diffusion.object_dilate = 0;
     let stage = TextToVideoStage::new(&cfg, &dev).unwrap();
     perturb(&stage);
@@ -765,16 +777,26 @@ fn caption_contrast_adds_the_partner_caption_term() {
     for _ in &prompts {
         let _: f64 = rng.random();
     }
-    let partners = contrast_partners(&prompts, &b.backgrounds);
-    assert!(partners.iter().any(Option::is_some), "{:?}", b.backgrounds);
-    let wrong_prompts: Vec<&str> = partners
-        .iter()
-        .enumerate()
-        .map(|(i, p)| prompts[p.unwrap_or(i)])
-        .collect();
-    let encode = |p: &[&str]| stage.t5.forward(&stage.tokenize(p).unwrap()).unwrap();
     let x0 = stage.latents(b, &mut rng).unwrap();
     let nb = sample_noised(&stage.sched, &x0, &mut rng).unwrap();
+    let (wrong_prompts, valid): (Vec<String>, Vec<bool>) = match mode {
+        ContrastPartners::Batch => contrast_partners(&prompts, &b.backgrounds)
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (prompts[p.unwrap_or(i)].to_string(), p.is_some()))
+            .unzip(),
+        ContrastPartners::Edit => prompts
+            .iter()
+            .map(|p| {
+                let e = edit_caption(p, &mut rng).unwrap();
+                assert_ne!(&e, p);
+                (e, true)
+            })
+            .unzip(),
+    };
+    assert!(valid.iter().any(|v| *v));
+    let wrong_prompts: Vec<&str> = wrong_prompts.iter().map(String::as_str).collect();
+    let encode = |p: &[&str]| stage.t5.forward(&stage.tokenize(p).unwrap()).unwrap();
     let t: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
     let t = Tensor::from_vec(t, x0.dim(0).unwrap(), &dev).unwrap();
     let fwd = |text: &Tensor| {
@@ -789,7 +811,6 @@ fn caption_contrast_adds_the_partner_caption_term() {
         .to_scalar::<f32>()
         .unwrap();
     let mask = latent_object_mask(&b.pixels, &b.backgrounds, 8, 4, 0).unwrap();
-    let valid: Vec<bool> = partners.iter().map(Option::is_some).collect();
     let (term, ratio) = caption_contrast(&own, &wrong, &nb.target, &mask, &valid, 0.3).unwrap();
     let term = term.to_scalar::<f32>().unwrap();
     assert!(
@@ -802,6 +823,88 @@ fn caption_contrast_adds_the_partner_caption_term() {
     assert!(
         (logged - ratio.unwrap()).abs() < 1e-4,
         "{logged} vs {ratio:?}"
+    );
+    std::fs::remove_dir_all(&root).ok();
+}
+
+/// An edited caption differs from the caption in one object word (colour, shape, size,
+/// direction or speed), replaced by another value of the same attribute, and in the article
+/// before it when the new word needs the other one; it stays within the tokenizer's vocabulary.
+/// Over the world's captions every attribute gets edited.
+#[test]
+fn edit_caption_changes_one_object_word() {
+    use vdit_world::{Colour, Shape, Size};
+    let class_of = |w: &str| -> Option<usize> {
+        let named = |names: Vec<&str>| names.contains(&w);
+        [
+            named(Colour::ALL.iter().map(|c| c.name()).collect()),
+            named(Shape::ALL.iter().map(|c| c.name()).collect()),
+            named(Size::ALL.iter().map(|c| c.name()).collect()),
+            named(["left", "right", "up", "down"].into()),
+            named(["slowly", "quickly"].into()),
+        ]
+        .iter()
+        .position(|x| *x)
+    };
+    let vocab = world_vocabulary();
+    let articles_agree = |words: &[&str]| {
+        words.windows(2).all(|p| match p[0] {
+            "a" => !p[1].starts_with(['a', 'e', 'i', 'o', 'u']),
+            "an" => p[1].starts_with(['a', 'e', 'i', 'o', 'u']),
+            _ => true,
+        })
+    };
+    let mut rng = step_rng(3, "edit", 0);
+    let mut edited_classes = [0usize; 5];
+    for i in 0..300 {
+        let (_, cap) = vdit_world::sample_clip(
+            vdit_world::Split::Train,
+            0,
+            i,
+            vdit_world::scene::DEFAULT_DURATION,
+        );
+        let cap = cap.as_str();
+        let e = edit_caption(cap, &mut rng).unwrap();
+        let (a, b): (Vec<&str>, Vec<&str>) = (
+            cap.split_whitespace().collect(),
+            e.split_whitespace().collect(),
+        );
+        assert_eq!(a.len(), b.len(), "{cap} -> {e}");
+        let changed: Vec<usize> = (0..a.len()).filter(|&k| a[k] != b[k]).collect();
+        let attr: Vec<usize> = changed
+            .iter()
+            .copied()
+            .filter(|&k| !matches!(a[k], "a" | "an"))
+            .collect();
+        assert_eq!(attr.len(), 1, "{cap} -> {e}");
+        let k = attr[0];
+        let class = class_of(a[k]).unwrap_or_else(|| panic!("{cap} -> {e}: {}", a[k]));
+        assert_eq!(class_of(b[k]), Some(class), "{cap} -> {e}");
+        edited_classes[class] += 1;
+        // an article changed only right before the edited word
+        assert!(
+            changed.iter().all(|&c| c == k || c + 1 == k),
+            "{cap} -> {e}"
+        );
+        assert!(articles_agree(&a) && articles_agree(&b), "{cap} -> {e}");
+        assert!(b.iter().all(|w| vocab.iter().any(|v| v == w)), "{e}");
+    }
+    assert!(edited_classes.iter().all(|&n| n > 0), "{edited_classes:?}");
+    assert_eq!(edit_caption("", &mut rng), None);
+    assert_eq!(edit_caption("on a gray background", &mut rng), None);
+    // "an orange square": a new colour takes "a", a new shape keeps "an orange"
+    let outs: Vec<String> = (0..40)
+        .map(|_| edit_caption("an orange square", &mut rng).unwrap())
+        .collect();
+    assert!(
+        outs.iter()
+            .any(|o| o.starts_with("a ") && !o.contains("orange")),
+        "{outs:?}"
+    );
+    assert!(
+        outs.iter()
+            .any(|o| o.starts_with("an orange ") && !o.ends_with("square")),
+        "{outs:?}"
     );
 }
 
