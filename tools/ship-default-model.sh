@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Copies a finished training run into models/vdit-shapes (the default model): the exported
 # diffusers folder of the text-to-video run (which holds the VAE it was trained on), the exact
-# configs and loss logs of both runs (named after the run folders: training/<run>.json,
-# training/<run>_loss.jsonl, so the logs of earlier legs stay beside them), and keeps the model
-# card and eval reports in place. A third run, a decoder fine-tune of that VAE (a `stage = "vae"`
-# run with model.decoder_of: same encoder, same latents), replaces vae/ with its export.
+# configs and loss logs of the runs (named after the run folders, training/<run>.json and
+# training/<run>_loss.jsonl.gz, so the logs of earlier legs stay beside them; gzipped to keep
+# the folder under 25 MiB, `zcat` reads them), and keeps the model card and eval reports in
+# place. A third run, a decoder fine-tune of that VAE (a `stage = "vae"` run with
+# model.decoder_of: same encoder, same latents), replaces vae/ with its export.
 #   tools/ship-default-model.sh [runs/vae] [runs/t2v] [runs/vae_decoder]
 set -euo pipefail
 vae=${1:-runs/vae}
@@ -30,7 +31,8 @@ mkdir -p "$dst/training"
 for run in "$vae" "$t2v" $decoder; do
   name=$(basename "$run")
   cp "$run/config.json" "$dst/training/$name.json"
-  cp "$run/loss.jsonl" "$dst/training/${name}_loss.jsonl"
+  rm -f "$dst/training/${name}_loss.jsonl"
+  gzip -9 -n -c "$run/loss.jsonl" > "$dst/training/${name}_loss.jsonl.gz"
   if [ -f "$run/loss.png" ]; then cp "$run/loss.png" "$dst/training/${name}_loss.png"; fi
 done
 du -sh "$dst"
