@@ -474,6 +474,16 @@ impl TrainConfig {
                 return bad(key, format!("expected a number >= 0, found {v}"));
             }
         }
+        if self.diffusion.contrast_partners != ContrastPartners::Batch
+            && self.diffusion.contrast_weight == 0.0
+        {
+            return bad(
+                "diffusion.contrast_partners",
+                "\"edit\" takes effect only with the caption-contrast term, which is off \
+                 (set diffusion.contrast_weight > 0, or drop this key)"
+                    .to_string(),
+            );
+        }
         if self.diffusion.contrast_weight > 0.0 && self.stage != Stage::Transformer {
             return bad(
                 "diffusion.contrast_weight",
@@ -658,7 +668,6 @@ mod tests {
                 names.push(p.file_stem().unwrap().to_string_lossy().into_owned());
             }
         }
-        names.sort();
         for want in [
             "t2v",
             "t2v_contrast",
@@ -726,6 +735,15 @@ mod tests {
             e.contains("diffusion.contrast_weight") && e.contains("-0.1"),
             "{e}"
         );
+        cfg.diffusion.contrast_weight = 0.0;
+        cfg.diffusion.contrast_partners = ContrastPartners::Edit;
+        let e = err(&cfg);
+        assert!(
+            e.contains("diffusion.contrast_partners") && e.contains("contrast_weight"),
+            "{e}"
+        );
+        cfg.diffusion.contrast_weight = 0.1;
+        cfg.validate(Path::new("c.toml")).unwrap();
     }
 
     #[test]
