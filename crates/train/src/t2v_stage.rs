@@ -482,7 +482,7 @@ pub fn contrast_partners(prompts: &[&str], backgrounds: &[[u8; 3]]) -> Vec<Optio
 /// the caption states, then one of its words, then the new value. `None` for a caption without
 /// such a word (a dropped caption).
 pub fn edit_caption(caption: &str, rng: &mut impl Rng) -> Option<String> {
-    use vdit_world::{Colour, Motion, Shape, Size};
+    use vdit_world::{Colour, Motion, Shape, Size, Speed};
     let colours: Vec<&str> = Colour::ALL.iter().map(|c| c.name()).collect();
     let shapes: Vec<&str> = Shape::ALL.iter().map(|c| c.name()).collect();
     let sizes: Vec<&str> = Size::ALL.iter().map(|c| c.name()).collect();
@@ -491,7 +491,7 @@ pub fn edit_caption(caption: &str, rng: &mut impl Rng) -> Option<String> {
         .filter(|m| **m != Motion::Still)
         .map(|c| c.name())
         .collect();
-    let speeds = vec!["slowly", "quickly"];
+    let speeds: Vec<&str> = Speed::ALL.iter().map(|s| s.adverb()).collect();
     let classes = [colours, shapes, sizes, directions, speeds];
     let mut words: Vec<String> = caption.split_whitespace().map(str::to_string).collect();
     // (class, positions of its words in the caption) for the classes the caption states
@@ -519,8 +519,7 @@ pub fn edit_caption(caption: &str, rng: &mut impl Rng) -> Option<String> {
     let new = others[rng.random_range(0..others.len())];
     words[i] = new.to_string();
     if i > 0 && (words[i - 1] == "a" || words[i - 1] == "an") {
-        let vowel = new.starts_with(['a', 'e', 'i', 'o', 'u']);
-        words[i - 1] = if vowel { "an" } else { "a" }.to_string();
+        words[i - 1] = vdit_world::caption::article(new).to_string();
     }
     Some(words.join(" "))
 }

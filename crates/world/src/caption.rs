@@ -107,6 +107,16 @@ impl ParsedCaption {
     }
 }
 
+/// The article of an object phrase whose next word is `next`: `an` before the one attribute
+/// word that starts with a vowel (`orange`), else `a`.
+pub fn article(next: &str) -> &'static str {
+    if next == "orange" {
+        "an"
+    } else {
+        "a"
+    }
+}
+
 /// Samples a caption of `scene` under the spec's grammar and omission probabilities.
 pub fn caption<R: Rng + ?Sized>(scene: &Scene, rng: &mut R) -> String {
     let mut objs = Vec::with_capacity(scene.objects.len());
@@ -125,16 +135,13 @@ pub fn caption<R: Rng + ?Sized>(scene: &Scene, rng: &mut R) -> String {
                 (m, Some(s)) => {
                     words.push(VERBS[rng.random_range(0..VERBS.len())]);
                     if !rng.random_bool(P_OMIT_SPEED) {
-                        words.push(match s {
-                            Speed::Slow => "slowly",
-                            Speed::Fast => "quickly",
-                        });
+                        words.push(s.adverb());
                     }
                     words.push(m.name());
                 }
             }
         }
-        let article = if words[0] == "orange" { "an" } else { "a" };
+        let article = article(words[0]);
         objs.push(format!("{article} {}", words.join(" ")));
     }
     let objects = objs.join(" and ");

@@ -136,6 +136,14 @@ impl Speed {
     pub fn per_second(self) -> f64 {
         self.per_frame() * REF_FPS
     }
+
+    /// The adverb captions say it with.
+    pub fn adverb(self) -> &'static str {
+        match self {
+            Speed::Slow => "slowly",
+            Speed::Fast => "quickly",
+        }
+    }
 }
 
 impl Motion {
