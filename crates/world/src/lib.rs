@@ -38,7 +38,7 @@ pub use dataset::{
 };
 pub use error::{Error, Result};
 pub use render::{render, render_at, RenderOpts};
-pub use report::{ChanceModel, GroupSummary, Report};
+pub use report::{ChanceModel, Confused, Confusion, GroupSummary, Report};
 pub use scene::{Background, Colour, Motion, Object, Scene, Shape, Size, Speed};
 pub use score::{score_clip, score_clip_at, Attrs, ClipScore, ObjectScore, Tally, Track};
 pub use split::{clip_rng, sample_scene, sample_scene_for, PairClass, Split};

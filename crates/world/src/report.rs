@@ -12,14 +12,20 @@
 //! - `flicker`: the mean VBench flicker score over clips whose caption states every object still;
 //! - `jerk_ratio`: the pooled RMS third difference of matched centroid tracks divided by that of
 //!   aliased ground-truth renders of the same scenes at the same size, length and rate (only clips
-//!   whose record carries the scene take part).
+//!   whose record carries the scene take part);
+//! - `confusion_one_object[a][stated][drawn]`: what was drawn for what was asked, counted over
+//!   the one-object captions whose clip has exactly one counted track (so the drawn object is
+//!   unambiguous even when its colour is wrong): for colour and shape always, for size, motion
+//!   and speed when the caption states them (motion and speed only with two or more frames; a
+//!   still track's speed is drawn as `none`). The diagonal is the right answers. The table lists
+//!   the largest off-diagonal cells ([`Report::top_confusions`]).
 //!
 //! Values are `null` where nothing was measured, and rounded to 4 decimals; the printed table
 //! shows the same numbers.
 
 use crate::caption::ParsedCaption;
 use crate::scene::Scene;
-use crate::score::{judge_objects, tally, Attrs, ClipScore, JerkStats, Recovered, Tally};
+use crate::score::{judge_objects, tally, Attrs, ClipScore, JerkStats, Recovered, Tally, Track};
 use crate::split::{clip_rng, sample_scene, Split};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -29,6 +35,8 @@ use std::sync::OnceLock;
 pub const CHANCE_POOL: usize = 1024;
 /// Seed of the chance pool.
 pub const CHANCE_SEED: u64 = 0xC4A7CE;
+/// Off-diagonal confusion cells the table lists per group.
+pub const TABLE_CONFUSIONS: usize = 6;
 
 /// The chance baseline.
 ///
@@ -109,6 +117,50 @@ struct Group {
     flicker: Tally,
     jerk: JerkStats,
     jerk_gt: JerkStats,
+    confusion: Confusion,
+}
+
+/// Counts by attribute, then stated value, then drawn value (see the module docs).
+pub type Confusion = BTreeMap<String, BTreeMap<String, BTreeMap<String, usize>>>;
+
+/// The one counted track of a clip scored against a one-object caption, if there is exactly one.
+fn sole_counted_track(score: &ClipScore) -> Option<&Track> {
+    if score.count != 1 {
+        return None;
+    }
+    let mut counted = score
+        .tracks
+        .iter()
+        .filter(|t| 2 * t.frames_present >= score.frames);
+    counted.next()
+}
+
+fn add_confusion(confusion: &mut Confusion, caption: &ParsedCaption, score: &ClipScore) {
+    let ([p], Some(t)) = (caption.objects.as_slice(), sole_counted_track(score)) else {
+        return;
+    };
+    let mut count = |attr: &str, stated: &str, drawn: &str| {
+        *confusion
+            .entry(attr.into())
+            .or_default()
+            .entry(stated.into())
+            .or_default()
+            .entry(drawn.into())
+            .or_default() += 1;
+    };
+    count("colour", p.colour.name(), t.colour.name());
+    count("shape", p.shape.name(), t.shape.name());
+    if let Some(s) = p.size {
+        count("size", s.name(), t.size.name());
+    }
+    if score.frames >= 2 {
+        if let Some(m) = p.motion {
+            count("motion", m.name(), t.motion.name());
+        }
+        if let Some(s) = p.speed {
+            count("speed", s.name(), t.speed.map_or("none", |s| s.name()));
+        }
+    }
 }
 
 impl Group {
@@ -141,6 +193,7 @@ impl Group {
             self.jerk.merge(score.jerk);
             self.jerk_gt.merge(g.jerk);
         }
+        add_confusion(&mut self.confusion, caption, score);
     }
 
     fn summary(&self) -> GroupSummary {
@@ -159,6 +212,7 @@ impl Group {
             identity_consistency: r(&self.identity),
             flicker: r(&self.flicker),
             jerk_ratio,
+            confusion_one_object: self.confusion.clone(),
         }
     }
 }
@@ -179,6 +233,65 @@ pub struct GroupSummary {
     pub identity_consistency: Option<f64>,
     pub flicker: Option<f64>,
     pub jerk_ratio: Option<f64>,
+    /// Absent from reports written before it was added.
+    #[serde(default)]
+    pub confusion_one_object: Confusion,
+}
+
+/// One off-diagonal cell of a confusion table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confused {
+    pub attribute: String,
+    pub stated: String,
+    pub drawn: String,
+    /// Clips where `stated` was drawn as `drawn`.
+    pub count: usize,
+    /// Clips stating `stated` (the row's total).
+    pub of: usize,
+}
+
+impl std::fmt::Display for Confused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}->{} {}/{}",
+            self.attribute, self.stated, self.drawn, self.count, self.of
+        )
+    }
+}
+
+impl GroupSummary {
+    /// The `k` largest off-diagonal cells of `confusion_one_object`, largest count first (ties:
+    /// the larger share of its row, then attribute and value names).
+    pub fn top_confusions(&self, k: usize) -> Vec<Confused> {
+        let mut cells = Vec::new();
+        for (attr, rows) in &self.confusion_one_object {
+            for (stated, row) in rows {
+                let of = row.values().sum();
+                for (drawn, &count) in row {
+                    if drawn != stated {
+                        cells.push(Confused {
+                            attribute: attr.clone(),
+                            stated: stated.clone(),
+                            drawn: drawn.clone(),
+                            count,
+                            of,
+                        });
+                    }
+                }
+            }
+        }
+        cells.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then((b.count * a.of).cmp(&(a.count * b.of)))
+                .then_with(|| {
+                    (&a.attribute, &a.stated, &a.drawn).cmp(&(&b.attribute, &b.stated, &b.drawn))
+                })
+        });
+        cells.truncate(k);
+        cells
+    }
 }
 
 /// Scores aggregated per split and over all clips.
@@ -277,7 +390,165 @@ impl Report {
                 "{:<10} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} |\n",
                 "  chance", "", c[0], c[1], c[2], c[3], c[4], c[5], c[6]
             ));
+            let top = g.top_confusions(TABLE_CONFUSIONS);
+            if !top.is_empty() {
+                let cells: Vec<String> = top.iter().map(|c| c.to_string()).collect();
+                s.push_str(&format!("  confused (1-obj): {}\n", cells.join(", ")));
+            }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::caption::parse_caption;
+    use crate::render::{render, RenderOpts};
+    use crate::scene::{Background, Colour, Motion, Object, Shape, Size, Speed};
+    use crate::score::score_clip;
+
+    fn clip(objects: Vec<Object>, text: &str, frames: usize) -> (ParsedCaption, ClipScore) {
+        let scene = Scene {
+            background: Background::Black,
+            objects,
+        };
+        let opts = RenderOpts {
+            width: 64,
+            height: 64,
+            frames,
+            fps: 8.0,
+            antialias: false,
+        };
+        let parsed = parse_caption(text).unwrap();
+        let score = score_clip(&render(&scene, opts), 64, 64, &parsed).unwrap();
+        (parsed, score)
+    }
+
+    fn obj(colour: Colour, shape: Shape, motion: Motion, speed: Option<Speed>, x0: f64) -> Object {
+        Object {
+            shape,
+            colour,
+            size: Size::Large,
+            motion,
+            speed,
+            x0,
+            y0: 0.5,
+        }
+    }
+
+    #[test]
+    fn confusion_counts_what_was_drawn_for_what_was_asked() {
+        let mut r = Report::new();
+        let still = |c| obj(c, Shape::Circle, Motion::Still, None, 0.5);
+        // Asked orange, drawn red, twice; asked orange and drawn orange once.
+        for _ in 0..2 {
+            let (p, s) = clip(
+                vec![still(Colour::Red)],
+                "a large orange circle standing still on a black background",
+                17,
+            );
+            r.add(Some(Split::ValIid), &p, &s, None);
+        }
+        let (p, s) = clip(
+            vec![still(Colour::Orange)],
+            "a large orange square standing still",
+            17,
+        );
+        r.add(Some(Split::ValIid), &p, &s, None);
+        // A moving square asked to move slowly left: drawn moving slowly right.
+        let (p, s) = clip(
+            vec![obj(
+                Colour::Blue,
+                Shape::Square,
+                Motion::Right,
+                Some(Speed::Slow),
+                0.3,
+            )],
+            "a large blue square moving slowly left",
+            17,
+        );
+        r.add(Some(Split::ValIid), &p, &s, None);
+        // Not counted: two objects drawn for a one-object caption, and a two-object caption.
+        let two = vec![
+            still(Colour::Red),
+            obj(Colour::Green, Shape::Square, Motion::Still, None, 0.15),
+        ];
+        for text in [
+            "a large red circle standing still",
+            "a large red circle standing still and a large green square standing still",
+        ] {
+            let (p, s) = clip(two.clone(), text, 17);
+            assert_eq!(s.count, 2, "{text}");
+            r.add(Some(Split::ValIid), &p, &s, None);
+        }
+
+        let g = &r.summary()["val-iid"];
+        let c = &g.confusion_one_object;
+        let cell = |a: &str, s: &str, d: &str| c[a][s].get(d).copied().unwrap_or(0);
+        assert_eq!(cell("colour", "orange", "red"), 2);
+        assert_eq!(cell("colour", "orange", "orange"), 1);
+        assert_eq!(c["colour"]["orange"].values().sum::<usize>(), 3);
+        assert_eq!(
+            c["colour"]["blue"],
+            BTreeMap::from([("blue".to_string(), 1)])
+        );
+        assert!(!c["colour"].contains_key("red"), "{c:?}");
+        assert_eq!(cell("shape", "circle", "circle"), 2);
+        assert_eq!(cell("shape", "square", "circle"), 1);
+        assert_eq!(cell("shape", "square", "square"), 1);
+        assert_eq!(cell("size", "large", "large"), 4);
+        assert_eq!(cell("motion", "still", "still"), 3);
+        assert_eq!(cell("motion", "left", "right"), 1);
+        assert_eq!(cell("speed", "slow", "slow"), 1);
+        assert_eq!(r.summary()["all"].confusion_one_object, *c);
+
+        let top = g.top_confusions(2);
+        assert_eq!(top[0].to_string(), "colour orange->red 2/3");
+        // Ties at one: motion left->right (1 of 1) before shape square->circle (1 of 2).
+        assert_eq!(top[1].to_string(), "motion left->right 1/1");
+        assert!(r
+            .table()
+            .contains("confused (1-obj): colour orange->red 2/3, motion left->right 1/1"));
+
+        // Reports written before the field existed still read.
+        let mut v = serde_json::to_value(g).unwrap();
+        v.as_object_mut().unwrap().remove("confusion_one_object");
+        let old: GroupSummary = serde_json::from_value(v).unwrap();
+        assert!(old.confusion_one_object.is_empty());
+    }
+
+    #[test]
+    fn a_still_track_asked_for_a_speed_is_drawn_as_none() {
+        let mut r = Report::new();
+        let (p, s) = clip(
+            vec![obj(Colour::White, Shape::Cross, Motion::Still, None, 0.5)],
+            "a large white cross moving quickly up",
+            17,
+        );
+        r.add(None, &p, &s, None);
+        let c = &r.summary()["all"].confusion_one_object;
+        assert_eq!(
+            c["speed"]["fast"],
+            BTreeMap::from([("none".to_string(), 1)])
+        );
+        assert_eq!(
+            c["motion"]["up"],
+            BTreeMap::from([("still".to_string(), 1)])
+        );
+        // One frame: motion and speed are not judged, so not counted.
+        let mut r = Report::new();
+        let (p, s) = clip(
+            vec![obj(Colour::White, Shape::Cross, Motion::Still, None, 0.5)],
+            "a large white cross moving quickly up",
+            1,
+        );
+        r.add(None, &p, &s, None);
+        let c = &r.summary()["all"].confusion_one_object;
+        assert!(
+            !c.contains_key("motion") && !c.contains_key("speed"),
+            "{c:?}"
+        );
+        assert_eq!(c["colour"]["white"]["white"], 1);
     }
 }
