@@ -39,6 +39,7 @@
 //! caption_dropout = 0.1         # probability of training on the empty prompt
 //! max_text_seq_length = 32      # tokens per prompt; must equal transformer.max_text_seq_length
 //! latent_cache_mb = 1024        # bound of the posterior cache (only with data.num_clips)
+//! freeze_text_encoder = false   # true: keep init_from's text encoder, train the transformer
 //! [model.transformer]           # CogVideoXTransformer3DModel config.json fields
 //! [model.text_encoder]          # T5Config fields (transformers' names)
 //! ```
@@ -91,6 +92,10 @@ pub struct TextToVideoConfig {
     /// Upper bound of the posterior cache in MiB. Default 1024.
     #[serde(default = "default_cache_mb")]
     pub latent_cache_mb: usize,
+    /// Keep the text encoder as the run's `init_from` checkpoint holds it (required): only the
+    /// transformer trains, and the exported `text_encoder/` is that one. Default false.
+    #[serde(default)]
+    pub freeze_text_encoder: bool,
 }
 
 fn default_caption_dropout() -> f64 {
@@ -312,6 +317,26 @@ impl TextToVideoStage {
         let vb = vars.var_builder(DType::F32, dev);
         let t5 = TrainT5::new(&mc.text_encoder, vb.pp("text_encoder"))?;
         let transformer = TrainCogVideoX::new(tc, vb.pp("transformer"))?;
+        if mc.freeze_text_encoder {
+            let Some(src) = &cfg.init_from else {
+                return bad(
+                    "model.freeze_text_encoder",
+                    "needs init_from (the checkpoint whose text encoder is kept); none is set"
+                        .into(),
+                );
+            };
+            let weights = crate::checkpoint::load_model_weights(src, dev)?;
+            let t5_vars: Vec<(String, Var)> = vars
+                .vars()
+                .into_iter()
+                .filter(|(n, _)| is_text_encoder_var(n))
+                .collect();
+            let t5_weights = weights
+                .into_iter()
+                .filter(|(n, _)| is_text_encoder_var(n))
+                .collect();
+            crate::trainer::set_vars(&t5_vars, &t5_weights, src)?;
+        }
         let cache = cfg.data.num_clips.map(|_| {
             Mutex::new(LatentCache {
                 map: HashMap::new(),
@@ -617,9 +642,37 @@ fn write(path: &Path, text: &str) -> Result<()> {
     crate::checkpoint::write_atomic(path, text.as_bytes())
 }
 
+impl TextToVideoStage {
+    /// The T5 embeddings of `prompts`; cut from the graph when the text encoder is frozen.
+    fn encode_text(&self, prompts: &[&str]) -> Result<Tensor> {
+        let text = self.t5.forward(&self.tokenize(prompts)?)?;
+        Ok(if self.cfg.freeze_text_encoder {
+            text.detach()
+        } else {
+            text
+        })
+    }
+}
+
+/// A var of the text encoder (kept frozen with `model.freeze_text_encoder`).
+fn is_text_encoder_var(name: &str) -> bool {
+    name.starts_with("text_encoder.")
+}
+
 impl Trainable for TextToVideoStage {
     fn vars(&self) -> Vec<(String, Var)> {
-        self.vars.vars()
+        let all = self.vars.vars();
+        if self.cfg.freeze_text_encoder {
+            all.into_iter()
+                .filter(|(n, _)| !is_text_encoder_var(n))
+                .collect()
+        } else {
+            all
+        }
+    }
+
+    fn frozen(&self, name: &str) -> bool {
+        self.cfg.freeze_text_encoder && is_text_encoder_var(name)
     }
 
     fn loss(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> Result<LossOutput> {
@@ -638,8 +691,8 @@ impl Trainable for TextToVideoStage {
                 }
             })
             .collect();
-        let text = self.t5.forward(&self.tokenize(&prompts)?)?; // [B, L, d_model]
-                                                                // 2. latents of the frozen VAE
+        let text = self.encode_text(&prompts)?; // [B, L, d_model]
+                                                // 2. latents of the frozen VAE
         let x0 = self.latents(batch, rng)?; // [B, F', C, h, w]
         let (_, f, _, _, _) = x0.dims5()?;
         // 3. the diffusion objective
@@ -686,7 +739,7 @@ impl Trainable for TextToVideoStage {
                         .zip(&prompts)
                         .map(|(e, p)| e.as_deref().unwrap_or(p))
                         .collect();
-                    let wrong_text = self.t5.forward(&self.tokenize(&wrong_prompts)?)?;
+                    let wrong_text = self.encode_text(&wrong_prompts)?;
                     Some((wrong_text, edited.iter().map(Option::is_some).collect()))
                 }
             }
@@ -757,6 +810,18 @@ impl Trainable for TextToVideoStage {
 
     fn export(&self, dir: &Path, weights: &[(String, Tensor)]) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut weights = weights.to_vec();
+        if self.cfg.freeze_text_encoder {
+            // The frozen text encoder, as loaded.
+            weights.extend(
+                self.vars
+                    .vars()
+                    .into_iter()
+                    .filter(|(n, _)| is_text_encoder_var(n))
+                    .map(|(n, v)| (n, v.as_tensor().detach())),
+            );
+        }
+        let weights = &weights[..];
         let json = |v: &serde_json::Value| {
             serde_json::to_string_pretty(v)
                 .map(|s| s + "\n")

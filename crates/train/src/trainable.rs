@@ -56,6 +56,12 @@ pub trait Trainable {
     fn export(&self, _dir: &Path, _weights: &[(String, Tensor)]) -> Result<()> {
         Ok(())
     }
+
+    /// Whether `name` (a tensor of an `init_from` checkpoint) is a part the model keeps frozen
+    /// and loads itself, so the trainer does not look for a var of that name. Default: none.
+    fn frozen(&self, _name: &str) -> bool {
+        false
+    }
 }
 
 /// The weights named `<prefix>.<key>`, renamed `<key>`: one component of a joint stage (e.g.

@@ -141,7 +141,8 @@ pub fn train(
     let existing = checkpoint::latest(out)?;
     if let (Some(src), None) = (&cfg.init_from, &existing) {
         // Fine-tuning: before the optimiser and the EMA, which start from these values.
-        let weights = checkpoint::load_model_weights(src, dev)?;
+        let mut weights = checkpoint::load_model_weights(src, dev)?;
+        weights.retain(|name, _| !model.frozen(name));
         set_vars(&vars, &weights, src)?;
         tracing::info!(from = %src.display(), "starting from the weights of init_from");
     }

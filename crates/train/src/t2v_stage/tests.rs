@@ -932,3 +932,80 @@ fn contrast_partners_share_the_background_and_differ_in_caption() {
         vec![None, None]
     );
 }
+
+#[test]
+fn a_frozen_text_encoder_stays_as_init_from_holds_it() {
+    let root = tmp("freeze");
+    let vae_dir = root.join("vae");
+    tiny_vae(&vae_dir);
+    let dev = Device::Cpu;
+    let load = |p: PathBuf| vdit_core::testing::load_tensors(&p).unwrap();
+    let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    // The source: a few steps of a joint run, exported.
+    let mut a = tiny_config(&vae_dir, &root.join("a"));
+    a.steps = 3;
+    let sa = TextToVideoStage::new(&a, &dev).unwrap();
+    train(&a, &sa, &dev, false, &mut |_| Control::Continue).unwrap();
+    let (_, src) = crate::checkpoint::latest(&a.out_dir).unwrap().unwrap();
+
+    // Frozen without init_from: an error naming the key and what it needs.
+    let mut b = tiny_config(&vae_dir, &root.join("b"));
+    b.steps = 4;
+    b.model["freeze_text_encoder"] = serde_json::json!(true);
+    let e = TextToVideoStage::new(&b, &dev).err().unwrap().to_string();
+    assert!(
+        e.contains("model.freeze_text_encoder") && e.contains("init_from"),
+        "{e}"
+    );
+
+    b.init_from = Some(src.clone());
+    let sb = TextToVideoStage::new(&b, &dev).unwrap();
+    let names: Vec<String> = sb.vars().into_iter().map(|(n, _)| n).collect();
+    assert!(
+        names.iter().all(|n| n.starts_with("transformer.")),
+        "{names:?}"
+    );
+    let t5_vars = sa
+        .vars()
+        .iter()
+        .filter(|(n, _)| is_text_encoder_var(n))
+        .count();
+    assert!(t5_vars > 0);
+    assert_eq!(names.len(), sa.vars().len() - t5_vars);
+    train(&b, &sb, &dev, false, &mut |_| Control::Continue).unwrap();
+    // Stretched and resumed: still frozen.
+    b.steps = 6;
+    let sb = TextToVideoStage::new(&b, &dev).unwrap();
+    train(&b, &sb, &dev, true, &mut |_| Control::Continue).unwrap();
+
+    let (ea, eb) = (export_dir(&a), export_dir(&b));
+    let ta = load(ea.join("text_encoder/model.safetensors"));
+    let tb = load(eb.join("text_encoder/model.safetensors"));
+    assert_eq!(ta.len(), tb.len());
+    for (k, v) in &ta {
+        assert_eq!(max_diff(v, &tb[k]), 0.0, "text encoder {k} moved");
+    }
+    let xa = load(ea.join("transformer/diffusion_pytorch_model.safetensors"));
+    let xb = load(eb.join("transformer/diffusion_pytorch_model.safetensors"));
+    let moved = xa
+        .iter()
+        .filter(|(k, v)| max_diff(v, &xb[*k]) > 1e-6)
+        .count();
+    assert!(
+        moved > xa.len() / 2,
+        "only {moved} of {} transformer tensors moved",
+        xa.len()
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
