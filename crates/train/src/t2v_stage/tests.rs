@@ -940,18 +940,7 @@ fn a_frozen_text_encoder_stays_as_init_from_holds_it() {
     tiny_vae(&vae_dir);
     let dev = Device::Cpu;
     let load = |p: PathBuf| vdit_core::testing::load_tensors(&p).unwrap();
-    let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let max_diff = |a: &Tensor, b: &Tensor| vdit_core::testing::max_abs_diff(a, b).unwrap();
     // The source: a few steps of a joint run, exported.
     let mut a = tiny_config(&vae_dir, &root.join("a"));
     a.steps = 3;
