@@ -661,14 +661,9 @@ fn is_text_encoder_var(name: &str) -> bool {
 
 impl Trainable for TextToVideoStage {
     fn vars(&self) -> Vec<(String, Var)> {
-        let all = self.vars.vars();
-        if self.cfg.freeze_text_encoder {
-            all.into_iter()
-                .filter(|(n, _)| !is_text_encoder_var(n))
-                .collect()
-        } else {
-            all
-        }
+        let mut all = self.vars.vars();
+        all.retain(|(n, _)| !self.frozen(n));
+        all
     }
 
     fn frozen(&self, name: &str) -> bool {
@@ -810,17 +805,15 @@ impl Trainable for TextToVideoStage {
 
     fn export(&self, dir: &Path, weights: &[(String, Tensor)]) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        // The frozen parts (the text encoder with freeze_text_encoder), as loaded.
         let mut weights = weights.to_vec();
-        if self.cfg.freeze_text_encoder {
-            // The frozen text encoder, as loaded.
-            weights.extend(
-                self.vars
-                    .vars()
-                    .into_iter()
-                    .filter(|(n, _)| is_text_encoder_var(n))
-                    .map(|(n, v)| (n, v.as_tensor().detach())),
-            );
-        }
+        weights.extend(
+            self.vars
+                .vars()
+                .into_iter()
+                .filter(|(n, _)| self.frozen(n))
+                .map(|(n, v)| (n, v.as_tensor().detach())),
+        );
         let weights = &weights[..];
         let json = |v: &serde_json::Value| {
             serde_json::to_string_pretty(v)

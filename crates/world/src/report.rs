@@ -128,11 +128,7 @@ fn sole_counted_track(score: &ClipScore) -> Option<&Track> {
     if score.count != 1 {
         return None;
     }
-    let mut counted = score
-        .tracks
-        .iter()
-        .filter(|t| 2 * t.frames_present >= score.frames);
-    counted.next()
+    score.tracks.iter().find(|t| t.is_counted(score.frames))
 }
 
 fn add_confusion(confusion: &mut Confusion, caption: &ParsedCaption, score: &ClipScore) {

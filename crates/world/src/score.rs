@@ -206,6 +206,12 @@ impl Track {
         }
     }
 
+    /// Whether the track counts as an object of a clip of `frames` frames: present in at least
+    /// half of them.
+    pub fn is_counted(&self, frames: usize) -> bool {
+        2 * self.frames_present >= frames
+    }
+
     /// Fraction of the clip's frames in which the track is present with its own shape and an
     /// area within 20% of its median.
     pub fn identity_consistency(&self) -> f64 {
@@ -453,7 +459,7 @@ pub fn score_clip_at(
             .then(b.median_area.total_cmp(&a.median_area))
     });
     let counted: Vec<usize> = (0..tracks.len())
-        .filter(|&i| 2 * tracks[i].frames_present >= n)
+        .filter(|&i| tracks[i].is_counted(n))
         .collect();
     let recovered: Vec<Recovered> = counted.iter().map(|&i| tracks[i].recovered()).collect();
 
