@@ -114,19 +114,72 @@ fn load_tensors(path: &Path, dev: &Device) -> Result<HashMap<String, Tensor>> {
         .map_err(|e| Error::Weights(format!("{}: cannot read: {e}", path.display())))
 }
 
-/// The model weights of the checkpoint folder `dir` (its `model.safetensors`), for fine-tuning.
-pub fn load_model_weights(dir: &Path, dev: &Device) -> Result<HashMap<String, Tensor>> {
+/// The weights `init_from` names, by var name, for fine-tuning. `dir` is one of
+/// - a checkpoint folder (`<out_dir>/checkpoints/step-N`): its `model.safetensors`;
+/// - a diffusers pipeline folder (`model_index.json`, e.g. an exported run or the shipped
+///   model): the components `wanted` by name (e.g. `transformer`, `text_encoder`), each tensor
+///   named `<component>.<key>` as the joint stages name their vars;
+/// - one diffusers component folder (`config.json` and its `*.safetensors`, sharded or not,
+///   e.g. `<model>/vae`): its keys as they are.
+pub fn load_model_weights(
+    dir: &Path,
+    dev: &Device,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<HashMap<String, Tensor>> {
     let p = dir.join("model.safetensors");
-    if !p.is_file() {
-        return Err(Error::invalid(
-            "init_from",
-            format!(
-                "{} is not a checkpoint folder (no model.safetensors); expected <out_dir>/checkpoints/step-N",
-                dir.display()
-            ),
-        ));
+    if p.is_file() && !dir.join("config.json").is_file() {
+        return load_tensors(&p, dev);
     }
-    load_tensors(&p, dev)
+    if dir.join("model_index.json").is_file() {
+        let folder = vdit_core::folder::PipelineFolder::open(dir)?;
+        let present: Vec<&String> = folder
+            .components
+            .iter()
+            .filter(|(_, c)| c.is_some())
+            .map(|(n, _)| n)
+            .collect();
+        let mut out = HashMap::new();
+        for name in present.iter().filter(|n| wanted(n)) {
+            for (key, t) in load_component(&folder.component(name)?, dev)? {
+                out.insert(format!("{name}.{key}"), t);
+            }
+        }
+        if out.is_empty() {
+            return Err(Error::invalid(
+                "init_from",
+                format!(
+                    "{} is a diffusers pipeline folder, but none of its components ({}) is one                      this stage trains; for a single-component stage name the component's                      folder (e.g. {})",
+                    dir.display(),
+                    present
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    dir.join("vae").display()
+                ),
+            ));
+        }
+        return Ok(out);
+    }
+    if dir.join("config.json").is_file() {
+        return load_component(dir, dev);
+    }
+    Err(Error::invalid(
+        "init_from",
+        format!(
+            "{} is neither a checkpoint folder (model.safetensors), a diffusers pipeline folder              (model_index.json) nor a component folder (config.json); expected e.g.              <out_dir>/checkpoints/step-N or <out_dir>/export",
+            dir.display()
+        ),
+    ))
+}
+
+/// Every tensor of a diffusers component folder, by its key.
+fn load_component(dir: &Path, dev: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for file in vdit_core::weights::find_safetensors(dir)? {
+        out.extend(load_tensors(&file, dev)?);
+    }
+    Ok(out)
 }
 
 /// Writes a checkpoint for `state.step` and keeps only the newest `keep`. Returns its folder.

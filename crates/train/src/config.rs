@@ -14,6 +14,7 @@
 //! plot_every = 50          # redraw loss.png every N steps (and at the end)
 //! allow_unused_vars = false # a var without a gradient is an error (candle's fast ops drop them)
 //! init_from = "runs/t2v/checkpoints/step-00007800"  # fine-tune: start from these weights
+//!                          # (a checkpoint, or a diffusers folder: "models/vdit-shapes")
 //!
 //! [data]
 //! split = "train"          # Shapes World split the clips come from
@@ -37,6 +38,7 @@
 //! weight_decay = 0.01
 //! no_decay_1d = true       # no decay on vars of rank <= 1 (biases, norm scales)
 //! no_decay = []            # and none on vars whose name contains one of these
+//! lr_scale = {}            # per name prefix, a factor on lr: { "text_encoder." = 0.2 }
 //! grad_clip = 1.0          # global-norm clipping threshold (0: off)
 //!
 //! [ema]
@@ -51,6 +53,7 @@
 //! contrast_weight = 0.0    # transformer stage: weight of the caption-contrast term
 //! contrast_margin = 0.2    # ... its margin on ln(err with another caption / err with its own)
 //! contrast_partners = "batch" # ... the other caption: "batch" (another clip's) or "edit" (one word changed)
+//! contrast_min_t = 0       # ... only for samples noised at a timestep >= this
 //! [diffusion.scheduler]    # CogVideoXDDIMScheduler config (diffusers names); default CogVideoX-2b's
 //!
 //! [model]                  # stage-specific, read by the stage's builder (the toy: channels, pool)
@@ -58,6 +61,7 @@
 
 use crate::data::Bucket;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use vdit_core::{Error, Result};
 use vdit_schedulers::CogVideoXSchedulerConfig;
@@ -112,10 +116,12 @@ pub struct TrainConfig {
     /// Accept trainable vars that get no gradient. Default false: that is candle's
     /// gradient-dropping trap (STACK.md), so it is an error naming the vars.
     pub allow_unused_vars: bool,
-    /// Fine-tuning: a checkpoint folder (`<out_dir>/checkpoints/step-N` of an earlier run of
-    /// the same model) whose `model.safetensors` gives the starting weights of a fresh run;
-    /// the optimiser, EMA, step count and schedule start anew. Every var must be there with its
-    /// shape. Relative to the working directory, as `out_dir`. Ignored when resuming (the run's
+    /// Fine-tuning: the starting weights of a fresh run; the optimiser, EMA, step count and
+    /// schedule start anew. A checkpoint folder (`<out_dir>/checkpoints/step-N` of an earlier
+    /// run of the same model), a diffusers pipeline folder (an export such as
+    /// `models/vdit-shapes`: the components the stage trains) or one component folder (e.g.
+    /// `<model>/vae` for the VAE stage); see [`crate::checkpoint::load_model_weights`]. Every
+    /// var must be there with its shape. Relative to the working directory, as `out_dir`. Ignored when resuming (the run's
     /// own checkpoint wins). Default none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init_from: Option<PathBuf>,
@@ -222,6 +228,13 @@ pub struct OptimConfig {
     pub no_decay: Vec<String>,
     /// Clip the global gradient norm to this (0: off). Default 1.0.
     pub grad_clip: f64,
+    /// Per-part learning rates: a var whose name starts with a key here steps at lr × the
+    /// value (its weight decay too), as a torch param group with its own lr; the longest
+    /// matching key wins, 0 keeps the part still. E.g. `{ "text_encoder." = 0.2 }` lets a joint
+    /// stage's text encoder move slower than its transformer. Each key must match a var.
+    /// Default none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub lr_scale: BTreeMap<String, f64>,
 }
 
 impl Default for OptimConfig {
@@ -238,6 +251,7 @@ impl Default for OptimConfig {
             no_decay_1d: true,
             no_decay: Vec::new(),
             grad_clip: 1.0,
+            lr_scale: BTreeMap::new(),
         }
     }
 }
@@ -323,6 +337,11 @@ pub struct DiffusionConfig {
     /// The wrong captions of `contrast_weight`'s term: `batch` (another clip's) or `edit` (its
     /// own with one object word changed). Default `batch`.
     pub contrast_partners: ContrastPartners,
+    /// The caption contrast applies to the samples noised at a timestep ≥ this; only those are
+    /// predicted a second time. Below some timestep x_t shows the objects and the caption adds
+    /// little to what the video gives; above it the caption decides what is drawn. Default 0
+    /// (every sample).
+    pub contrast_min_t: usize,
 }
 
 impl Default for DiffusionConfig {
@@ -336,6 +355,7 @@ impl Default for DiffusionConfig {
             contrast_weight: 0.0,
             contrast_margin: 0.2,
             contrast_partners: ContrastPartners::Batch,
+            contrast_min_t: 0,
         }
     }
 }
@@ -530,6 +550,16 @@ impl TrainConfig {
                 format!("expected a number >= 0 (0: off), found {}", o.grad_clip),
             );
         }
+        if let Some((k, v)) = o
+            .lr_scale
+            .iter()
+            .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+        {
+            return bad(
+                &format!("optim.lr_scale.\"{k}\""),
+                format!("expected a factor >= 0, found {v}"),
+            );
+        }
         if o.decay_steps != 0 && o.decay_steps < o.warmup_steps {
             return bad(
                 "optim.decay_steps",
@@ -716,6 +746,13 @@ mod tests {
             "{e}"
         );
         let err = |c: &TrainConfig| c.validate(Path::new("d.toml")).unwrap_err().to_string();
+        cfg = TrainConfig::default();
+        cfg.optim.lr_scale.insert("text_encoder.".into(), -0.5);
+        let e = err(&cfg);
+        assert!(
+            e.contains("optim.lr_scale.\"text_encoder.\"") && e.contains("-0.5"),
+            "{e}"
+        );
         cfg = TrainConfig::default();
         cfg.diffusion.contrast_margin = f64::NAN;
         let e = err(&cfg);

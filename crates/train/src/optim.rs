@@ -77,22 +77,50 @@ struct Moments {
     m: Tensor,
     v: Tensor,
     decay: bool,
+    /// The factor on lr of this var (`cfg.lr_scale`).
+    lr_scale: f64,
 }
 
 impl AdamW {
-    /// Zero moments for `vars`; which vars decay follows `cfg.no_decay_1d` and `cfg.no_decay`.
+    /// Zero moments for `vars`; which vars decay follows `cfg.no_decay_1d` and `cfg.no_decay`,
+    /// each var's factor on lr `cfg.lr_scale` (a key that matches no var is an error).
     pub fn new(cfg: &OptimConfig, vars: &NamedVars) -> Result<Self> {
+        if let Some(key) = cfg
+            .lr_scale
+            .keys()
+            .find(|k| !vars.iter().any(|(n, _)| n.starts_with(k.as_str())))
+        {
+            let mut roots: Vec<&str> = vars
+                .iter()
+                .map(|(n, _)| n.split('.').next().unwrap_or(n))
+                .collect();
+            roots.dedup();
+            return Err(Error::invalid(
+                format!("optim.lr_scale.\"{key}\""),
+                format!(
+                    "matches no trainable var (their names start with: {})",
+                    roots.join(", ")
+                ),
+            ));
+        }
         let mut state = BTreeMap::new();
         for (name, var) in vars {
             let t = var.as_tensor();
             let decay = !((cfg.no_decay_1d && t.rank() <= 1)
                 || cfg.no_decay.iter().any(|p| name.contains(p.as_str())));
+            let lr_scale = cfg
+                .lr_scale
+                .iter()
+                .filter(|(k, _)| name.starts_with(k.as_str()))
+                .max_by_key(|(k, _)| k.len())
+                .map_or(1.0, |(_, v)| *v);
             state.insert(
                 name.clone(),
                 Moments {
                     m: t.zeros_like()?,
                     v: t.zeros_like()?,
                     decay,
+                    lr_scale,
                 },
             );
         }
@@ -126,13 +154,14 @@ impl AdamW {
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let bc1 = 1.0 - b1.powi(t);
         let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
-        let step_size = lr / bc1;
         for (name, var) in vars {
             let Some(g) = grads.get(name) else { continue };
             let s = self
                 .state
                 .get_mut(name)
                 .ok_or_else(|| Error::Msg(format!("AdamW: no state for var {name:?}")))?;
+            let lr = lr * s.lr_scale;
+            let step_size = lr / bc1;
             let g = g.to_dtype(s.m.dtype())?;
             s.m = (s.m.affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
             s.v = (s.v.affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
@@ -366,6 +395,65 @@ mod tests {
         // The var without gradients did not move.
         assert_eq!(vars[0].1.as_tensor().to_vec1::<f32>().unwrap(), b0);
         assert_eq!(opt.steps(), 3);
+    }
+
+    /// `lr_scale`: each var steps as AdamW alone at lr × its factor (weight decay too), the
+    /// longest matching prefix wins, 0 keeps a var still, and a key that matches no var is an
+    /// error naming it.
+    #[test]
+    fn lr_scale_gives_parts_their_own_learning_rate() {
+        let dev = Device::Cpu;
+        let base = OptimConfig {
+            weight_decay: 0.1,
+            no_decay_1d: false,
+            ..cfg()
+        };
+        let c = OptimConfig {
+            lr_scale: [("enc.".to_string(), 0.25), ("enc.frozen".to_string(), 0.0)].into(),
+            ..base.clone()
+        };
+        let init = [[0.5f32, -1.0, 2.0], [1.5, 0.25, -0.75], [3.0, -2.0, 0.5]];
+        let names = ["dec.w", "enc.w", "enc.frozen.w"];
+        let make = || -> NamedVars {
+            names
+                .iter()
+                .zip(&init)
+                .map(|(n, w)| (n.to_string(), Var::new(w, &dev).unwrap()))
+                .collect()
+        };
+        let vars = make();
+        let mut opt = AdamW::new(&c, &vars).unwrap();
+        // The reference: one plain AdamW per var, at lr × the factor it should get.
+        let refs: Vec<NamedVars> = make().into_iter().map(|v| vec![v]).collect();
+        let mut ref_opts: Vec<AdamW> = refs.iter().map(|v| AdamW::new(&base, v).unwrap()).collect();
+        let grads_seq = [[0.1f32, -0.2, 0.3], [0.05, 0.0, -0.4], [1.0, 2.0, -3.0]];
+        for (k, gs) in grads_seq.iter().enumerate() {
+            let lr = 0.01 * (k + 1) as f64;
+            let g = Tensor::new(gs, &dev).unwrap();
+            let grads: BTreeMap<String, Tensor> =
+                names.iter().map(|n| (n.to_string(), g.clone())).collect();
+            opt.step(&vars, &grads, lr).unwrap();
+            for ((r, o), f) in refs.iter().zip(&mut ref_opts).zip([1.0, 0.25, 0.0]) {
+                o.step(r, &grads, lr * f).unwrap();
+            }
+        }
+        for (i, (name, var)) in vars.iter().enumerate() {
+            let got = var.as_tensor().to_vec1::<f32>().unwrap();
+            let want = refs[i][0].1.as_tensor().to_vec1::<f32>().unwrap();
+            assert_eq!(got, want, "{name}");
+        }
+        assert_eq!(vars[2].1.as_tensor().to_vec1::<f32>().unwrap(), init[2]);
+        assert_ne!(vars[1].1.as_tensor().to_vec1::<f32>().unwrap(), init[1]);
+
+        let bad = OptimConfig {
+            lr_scale: [("text_encoder.".to_string(), 0.5)].into(),
+            ..base
+        };
+        let e = AdamW::new(&bad, &vars).err().unwrap().to_string();
+        assert!(
+            e.contains("optim.lr_scale") && e.contains("text_encoder.") && e.contains("dec, enc"),
+            "{e}"
+        );
     }
 
     #[test]

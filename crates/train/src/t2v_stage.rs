@@ -325,7 +325,8 @@ impl TextToVideoStage {
                         .into(),
                 );
             };
-            let weights = crate::checkpoint::load_model_weights(src, dev)?;
+            let weights =
+                crate::checkpoint::load_model_weights(src, dev, &|c| c == "text_encoder")?;
             let t5_vars: Vec<(String, Var)> = vars
                 .vars()
                 .into_iter()
@@ -739,15 +740,33 @@ impl Trainable for TextToVideoStage {
                 }
             }
         }
+        .map(|(wrong_text, valid)| {
+            let valid: Vec<bool> = valid
+                .iter()
+                .zip(&nb.timesteps)
+                .map(|(v, &t)| *v && t >= dc.contrast_min_t)
+                .collect();
+            (wrong_text, valid)
+        })
         .filter(|(_, valid)| valid.iter().any(|v| *v));
-        let (pred, pred_wrong) = if let Some((wrong_text, _)) = &wrong {
+        // Only the samples in the contrast are predicted again: one forward of B + n.
+        let contrasted: Option<Tensor> = match &wrong {
+            Some((_, valid)) => {
+                let idx: Vec<u32> = (0..b as u32).filter(|&i| valid[i as usize]).collect();
+                let n = idx.len();
+                Some(Tensor::from_vec(idx, n, &self.device)?)
+            }
+            None => None,
+        };
+        let (pred, pred_wrong) = if let (Some((wrong_text, _)), Some(idx)) = (&wrong, &contrasted) {
+            let n = idx.dim(0)?;
             let both = self.transformer.forward(
-                &Tensor::cat(&[&nb.noisy, &nb.noisy], 0)?,
-                &Tensor::cat(&[&text, wrong_text], 0)?,
-                &Tensor::cat(&[&t, &t], 0)?,
+                &Tensor::cat(&[&nb.noisy, &nb.noisy.index_select(idx, 0)?], 0)?,
+                &Tensor::cat(&[&text, &wrong_text.index_select(idx, 0)?], 0)?,
+                &Tensor::cat(&[&t, &t.index_select(idx, 0)?], 0)?,
                 rope,
             )?;
-            (both.narrow(0, 0, b)?, Some(both.narrow(0, b, b)?))
+            (both.narrow(0, 0, b)?, Some(both.narrow(0, b, n)?))
         } else {
             (self.transformer.forward(&nb.noisy, &text, &t, rope)?, None)
         };
@@ -784,13 +803,14 @@ impl Trainable for TextToVideoStage {
         let mut loss =
             diffusion_loss(&self.sched, &pred, &nb, &x0, dc.weighting, weights.as_ref())?;
         let mut metrics = vec![("uncond".to_string(), dropped as f64 / b.max(1) as f64)];
-        if let (Some(pred_wrong), Some(mask), Some((_, valid))) = (pred_wrong, &mask, &wrong) {
+        if let (Some(pred_wrong), Some(mask), Some(idx)) = (pred_wrong, &mask, &contrasted) {
+            let n = idx.dim(0)?;
             let (term, log_ratio) = caption_contrast(
-                &pred,
+                &pred.index_select(idx, 0)?,
                 &pred_wrong,
-                &nb.target,
-                mask,
-                valid,
+                &nb.target.index_select(idx, 0)?,
+                &mask.index_select(idx, 0)?,
+                &vec![true; n],
                 dc.contrast_margin,
             )?;
             loss = (loss + (term * dc.contrast_weight)?)?;

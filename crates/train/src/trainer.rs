@@ -141,7 +141,12 @@ pub fn train(
     let existing = checkpoint::latest(out)?;
     if let (Some(src), None) = (&cfg.init_from, &existing) {
         // Fine-tuning: before the optimiser and the EMA, which start from these values.
-        let mut weights = checkpoint::load_model_weights(src, dev)?;
+        // From a pipeline folder, the components this model has vars of (`transformer.*`).
+        let has_component = |c: &str| {
+            let prefix = format!("{c}.");
+            vars.iter().any(|(n, _)| n.starts_with(&prefix))
+        };
+        let mut weights = checkpoint::load_model_weights(src, dev, &has_component)?;
         weights.retain(|name, _| !model.frozen(name));
         set_vars(&vars, &weights, src)?;
         tracing::info!(from = %src.display(), "starting from the weights of init_from");

@@ -731,18 +731,27 @@ fn caption_contrast_by_hand_and_its_gradient() {
 /// the batch's own captions and with its partners' captions, from the same draws.
 #[test]
 fn caption_contrast_adds_the_partner_caption_term() {
-    contrast_term_equals_the_one_by_hand(ContrastPartners::Batch);
+    contrast_term_equals_the_one_by_hand(ContrastPartners::Batch, false);
+}
+
+/// With `contrast_min_t`, only the samples noised at or above it are in the term (and only
+/// they are predicted with the wrong caption).
+#[test]
+fn caption_contrast_takes_only_the_samples_from_contrast_min_t() {
+    contrast_term_equals_the_one_by_hand(ContrastPartners::Edit, true);
 }
 
 /// The same with `contrast_partners = "edit"`: the wrong captions are the batch's own with one
 /// word changed, drawn after the noise.
 #[test]
 fn caption_contrast_adds_the_edited_caption_term() {
-    contrast_term_equals_the_one_by_hand(ContrastPartners::Edit);
+    contrast_term_equals_the_one_by_hand(ContrastPartners::Edit, false);
 }
 
-fn contrast_term_equals_the_one_by_hand(mode: ContrastPartners) {
-    let root = tmp(&format!("contrast-{mode:?}"));
+/// The loss with the contrast against the same draws by hand. With `from_max_t`,
+/// `contrast_min_t` is set to the largest timestep drawn, so that some samples are left out.
+fn contrast_term_equals_the_one_by_hand(mode: ContrastPartners, from_max_t: bool) {
+    let root = tmp(&format!("contrast-{mode:?}-{from_max_t}"));
     let vae = root.join("vae");
     tiny_vae(&vae);
     let dev = Device::Cpu;
@@ -769,8 +778,6 @@ fn contrast_term_equals_the_one_by_hand(mode: ContrastPartners) {
                 .any(Option::is_some)
         })
         .unwrap();
-    let out = stage.loss(b, &mut step_rng(0, "loss", 0)).unwrap();
-    let got = out.loss.to_scalar::<f32>().unwrap();
     // The same draws by hand, each caption set in its own forward.
     let mut rng = step_rng(0, "loss", 0);
     let prompts: Vec<&str> = b.captions.iter().map(|c| c.as_str()).collect();
@@ -794,6 +801,25 @@ fn contrast_term_equals_the_one_by_hand(mode: ContrastPartners) {
             })
             .unzip(),
     };
+    let mut valid = valid;
+    let stage = if from_max_t {
+        let max_t = *nb.timesteps.iter().max().unwrap();
+        let left_out = (0..valid.len())
+            .filter(|&i| valid[i] && nb.timesteps[i] < max_t)
+            .count();
+        assert!(left_out > 0, "{:?}", nb.timesteps);
+        for (v, &t) in valid.iter_mut().zip(&nb.timesteps) {
+            *v &= t >= max_t;
+        }
+        cfg.diffusion.contrast_min_t = max_t;
+        let s = TextToVideoStage::new(&cfg, &dev).unwrap();
+        perturb(&s);
+        s
+    } else {
+        stage
+    };
+    let out = stage.loss(b, &mut step_rng(0, "loss", 0)).unwrap();
+    let got = out.loss.to_scalar::<f32>().unwrap();
     assert!(valid.iter().any(|v| *v));
     let wrong_prompts: Vec<&str> = wrong_prompts.iter().map(String::as_str).collect();
     let encode = |p: &[&str]| stage.t5.forward(&stage.tokenize(p).unwrap()).unwrap();
@@ -997,4 +1023,102 @@ fn a_frozen_text_encoder_stays_as_init_from_holds_it() {
         xa.len()
     );
     let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn init_from_a_pipeline_folder_trains_as_from_the_checkpoint_it_was_exported_from() {
+    let root = tmp("init-pipeline");
+    let vae_dir = root.join("vae");
+    tiny_vae(&vae_dir);
+    let dev = Device::Cpu;
+    // The source: a few steps, exported (EMA off, so the export holds the checkpoint's weights).
+    let mut a = tiny_config(&vae_dir, &root.join("a"));
+    a.steps = 3;
+    let sa = TextToVideoStage::new(&a, &dev).unwrap();
+    train(&a, &sa, &dev, false, &mut |_| Control::Continue).unwrap();
+    let (_, ckpt) = crate::checkpoint::latest(&a.out_dir).unwrap().unwrap();
+    let export = export_dir(&a);
+
+    // Two fine-tuning runs, one from the checkpoint and one from the exported pipeline folder:
+    // the same losses to the bit.
+    let run = |name: &str, from: &Path| {
+        let mut c = tiny_config(&vae_dir, &root.join(name));
+        c.steps = 4;
+        c.seed = 9;
+        c.init_from = Some(from.to_path_buf());
+        let s = TextToVideoStage::new(&c, &dev).unwrap();
+        train(&c, &s, &dev, false, &mut |_| Control::Continue).unwrap()
+    };
+    let from_ckpt = run("c", &ckpt);
+    let from_export = run("d", &export);
+    let losses = |s: &crate::trainer::Summary| s.log.iter().map(|r| r.loss).collect::<Vec<_>>();
+    assert_eq!(losses(&from_ckpt).len(), 4);
+    assert_eq!(losses(&from_ckpt), losses(&from_export));
+    // ... and not those of a run from scratch with that seed.
+    let mut e = tiny_config(&vae_dir, &root.join("e"));
+    e.steps = 4;
+    e.seed = 9;
+    let se = TextToVideoStage::new(&e, &dev).unwrap();
+    let scratch = train(&e, &se, &dev, false, &mut |_| Control::Continue).unwrap();
+    assert_ne!(losses(&scratch)[0], losses(&from_export)[0]);
+
+    // Only the components with vars are read: the export's VAE is not asked for.
+    let names: Vec<String> = crate::checkpoint::load_model_weights(&export, &dev, &|c| {
+        c == "transformer" || c == "text_encoder"
+    })
+    .unwrap()
+    .into_keys()
+    .collect();
+    let mut vars: Vec<String> = sa.vars().into_iter().map(|(n, _)| n).collect();
+    let mut names = names;
+    names.sort();
+    vars.sort();
+    assert_eq!(names, vars);
+
+    // Wrong folders: errors that name the folder and what was expected.
+    let fail = |name: &str, from: &Path| {
+        let mut c = tiny_config(&vae_dir, &root.join(name));
+        c.steps = 1;
+        c.init_from = Some(from.to_path_buf());
+        let s = TextToVideoStage::new(&c, &dev).unwrap();
+        train(&c, &s, &dev, false, &mut |_| Control::Continue)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    // A component folder of the wrong model: its keys match no var.
+    let msg = fail("f", &export.join("vae"));
+    assert!(
+        msg.contains("vae") && msg.contains("no tensor for var"),
+        "{msg}"
+    );
+    // A folder that holds no weights at all.
+    let msg = fail("g", &root);
+    assert!(
+        msg.contains("init_from") && msg.contains(&root.display().to_string()),
+        "{msg}"
+    );
+    // A pipeline folder with none of this stage's components.
+    let only_vae = root.join("only-vae");
+    std::fs::create_dir_all(&only_vae).unwrap();
+    std::fs::write(
+        only_vae.join("model_index.json"),
+        r#"{"_class_name": "CogVideoXPipeline", "vae": ["diffusers", "AutoencoderKLCogVideoX"]}"#,
+    )
+    .unwrap();
+    copy_dir(&export.join("vae"), &only_vae.join("vae"));
+    let msg = fail("h", &only_vae);
+    assert!(
+        msg.contains("init_from") && msg.contains("none of its components (vae)"),
+        "{msg}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
 }
