@@ -43,6 +43,9 @@ pub struct EvalModelArgs {
     /// Guidance scale. Default: the model's.
     #[arg(long)]
     pub guidance_scale: Option<f64>,
+    /// Guidance only at timesteps <= N (1000: every step). Default: the model's.
+    #[arg(long, value_name = "N")]
+    pub guidance_max_timestep: Option<usize>,
     /// Pixel frames (4k+1). Default: the model's.
     #[arg(long)]
     pub num_frames: Option<usize>,
@@ -125,6 +128,7 @@ pub fn run_model(a: EvalModelArgs) -> Result<()> {
             .unwrap_or(defaults.num_inference_steps),
         guidance_scale: a.guidance_scale.unwrap_or(defaults.guidance_scale),
         use_dynamic_cfg: defaults.use_dynamic_cfg,
+        guidance_max_timestep: a.guidance_max_timestep.or(defaults.guidance_max_timestep),
         ..Default::default()
     };
     let (frames, height, width) = pipe.resolve_size(&probe)?;
@@ -141,11 +145,14 @@ pub fn run_model(a: EvalModelArgs) -> Result<()> {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     eprintln!(
-        "evaluating {} on {} {split} captions: {frames}x{height}x{width}, {} steps, guidance {}",
+        "evaluating {} on {} {split} captions: {frames}x{height}x{width}, {} steps, guidance {}{}",
         model.display(),
         a.count,
         probe.num_inference_steps,
-        probe.guidance_scale
+        probe.guidance_scale,
+        probe
+            .guidance_max_timestep
+            .map_or(String::new(), |m| format!(" at timesteps <= {m}"))
     );
     let bar = indicatif::ProgressBar::new(a.count);
     let mut report = Report::new();
@@ -175,6 +182,7 @@ pub fn run_model(a: EvalModelArgs) -> Result<()> {
             num_inference_steps: probe.num_inference_steps,
             guidance_scale: probe.guidance_scale,
             use_dynamic_cfg: probe.use_dynamic_cfg,
+            guidance_max_timestep: probe.guidance_max_timestep,
             seed: a.seed.wrapping_mul(1_000_003).wrapping_add(bi as u64),
             output: OutputKind::Frames,
             ..Default::default()

@@ -186,6 +186,7 @@ pub(crate) struct Settings {
     pub steps: usize,
     pub guidance: f64,
     pub use_dynamic_cfg: bool,
+    pub guidance_max_timestep: Option<usize>,
     pub strength: f64,
     pub modes: Modes,
     /// Size, length and fps of the renders (and of every generation).
@@ -231,6 +232,7 @@ impl Settings {
             steps: probe.num_inference_steps,
             guidance: probe.guidance_scale,
             use_dynamic_cfg: d.use_dynamic_cfg,
+            guidance_max_timestep: d.guidance_max_timestep,
             strength: a.strength,
             modes,
             opts,
@@ -277,6 +279,7 @@ impl Settings {
             "num_inference_steps": self.steps,
             "guidance_scale": self.guidance,
             "use_dynamic_cfg": self.use_dynamic_cfg,
+            "guidance_max_timestep": self.guidance_max_timestep,
             "seed": self.seed,
             "batch": self.batch,
             "v2v_strength": self.strength,
@@ -523,6 +526,7 @@ impl Runner<'_, '_> {
             num_inference_steps: s.steps,
             guidance_scale: s.guidance,
             use_dynamic_cfg: s.use_dynamic_cfg,
+            guidance_max_timestep: s.guidance_max_timestep,
             seed,
             output: OutputKind::Frames,
             ..Default::default()

@@ -62,6 +62,11 @@ pub struct GenerateArgs {
     /// CogVideoX's dynamic guidance schedule (default: the model's, else off).
     #[arg(long)]
     pub use_dynamic_cfg: bool,
+    /// Guidance only at timesteps <= N; the noisier steps take the conditional prediction
+    /// alone (and skip the unconditional forward). 1000 guides every step. Default: the
+    /// model's `generation_config.json`, else every step.
+    #[arg(long, value_name = "N")]
+    pub guidance_max_timestep: Option<usize>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Frames per second of the written video. Default: the model's, else 8.
@@ -257,6 +262,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .unwrap_or(defaults.num_inference_steps),
         guidance_scale: args.guidance_scale.unwrap_or(defaults.guidance_scale),
         use_dynamic_cfg: args.use_dynamic_cfg || defaults.use_dynamic_cfg,
+        guidance_max_timestep: args
+            .guidance_max_timestep
+            .or(defaults.guidance_max_timestep),
         seed: args.seed,
         latents,
         scheduler_noise: None,

@@ -128,6 +128,10 @@ struct EvalWorldArgs {
     /// Where to write the JSON report.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Where to write each clip's score as JSON lines (id, caption, background, every track
+    /// with its per-frame centroids, areas and shapes, and the judgement of each object).
+    #[arg(long)]
+    clips: Option<PathBuf>,
 }
 
 pub fn run_world(args: WorldArgs) -> anyhow::Result<()> {
@@ -222,6 +226,11 @@ fn eval_world(a: EvalWorldArgs) -> anyhow::Result<()> {
         std::fs::write(out, rep.to_json_pretty() + "\n")
             .with_context(|| format!("writing {}", out.display()))?;
         eprintln!("report written to {}", out.display());
+    }
+    if let Some(path) = &a.clips {
+        vdit_world::write_clip_scores(path, &clips)
+            .with_context(|| format!("writing --clips {}", path.display()))?;
+        eprintln!("per-clip scores written to {}", path.display());
     }
     Ok(())
 }

@@ -57,6 +57,8 @@ pub(crate) struct Denoise<'a> {
     pub batch: usize,
     pub guidance_scale: f64,
     pub use_dynamic_cfg: bool,
+    /// Guidance only at timesteps ≤ this ([`GenerateRequest::guidance_max_timestep`]).
+    pub guidance_max_timestep: Option<usize>,
     /// N in CogVideoX's dynamic guidance formula: the steps of the schedule (video-to-video: the
     /// steps left after the strength cut, as diffusers).
     pub dynamic_cfg_steps: usize,
@@ -87,6 +89,7 @@ impl<'a> Denoise<'a> {
             batch: cond.batch,
             guidance_scale: req.guidance_scale,
             use_dynamic_cfg: req.use_dynamic_cfg,
+            guidance_max_timestep: req.guidance_max_timestep,
             dynamic_cfg_steps: req.num_inference_steps,
             timesteps,
             rope,
@@ -408,7 +411,9 @@ impl CogVideoXPipeline {
         for (i, &t) in d.timesteps.iter().enumerate() {
             let _span = tracing::debug_span!("step", i, t).entered();
             latents = prepare(i, t, latents)?;
-            let model_in = if do_cfg {
+            // Above guidance_max_timestep: the conditional half alone, one forward of B.
+            let guided = do_cfg && d.guidance_max_timestep.is_none_or(|m| t <= m);
+            let model_in = if guided {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
                 latents.clone()
@@ -416,8 +421,16 @@ impl CogVideoXPipeline {
             let model_in = self.scheduler.scale_model_input(&model_in, t)?;
             // [2B, F, C, h, w] ++ [2B, F, C, h, w] on channels -> [2B, F, 2C, h, w]
             let model_in = match &image_in {
+                Some(img) if do_cfg && !guided => {
+                    Tensor::cat(&[&model_in, &img.narrow(0, batch, batch)?], 2)?
+                }
                 Some(img) => Tensor::cat(&[&model_in, img], 2)?,
                 None => model_in,
+            };
+            let text = if do_cfg && !guided {
+                d.text.narrow(0, batch, batch)?
+            } else {
+                d.text.clone()
             };
             let tt = Tensor::full(t as f32, model_in.dim(0)?, self.device())?;
             let ofs = d.ofs.map(|o| o.to_dtype(self.dtype())).transpose()?;
@@ -425,20 +438,20 @@ impl CogVideoXPipeline {
                 .transformer
                 .forward(
                     &model_in.to_dtype(self.dtype())?,
-                    d.text,
+                    &text,
                     &tt,
                     rope_ref,
                     ofs.as_ref(),
                 )?
                 .to_dtype(DType::F32)?;
-            let mut g = d.guidance_scale;
-            if d.use_dynamic_cfg {
+            let mut g = if guided { d.guidance_scale } else { 1.0 };
+            if guided && d.use_dynamic_cfg {
                 // diffusers drives this by the timestep value, not the step index.
                 let n = d.dynamic_cfg_steps as f64;
                 let x = ((n - t as f64) / n).powf(5.0);
                 g = 1.0 + d.guidance_scale * ((1.0 - (std::f64::consts::PI * x).cos()) / 2.0);
             }
-            let noise_pred = if do_cfg {
+            let noise_pred = if guided {
                 let uncond = model_output.narrow(0, 0, batch)?;
                 let cond = model_output.narrow(0, batch, batch)?;
                 // uncond + g·(cond − uncond), with g rounded to f32 as torch does

@@ -5,7 +5,8 @@
 //! with no other flag uses them. diffusers ignores the file. Every field is optional:
 //!
 //! ```json
-//! { "num_inference_steps": 25, "guidance_scale": 5.0, "fps": 8.0, "use_dynamic_cfg": false }
+//! { "num_inference_steps": 25, "guidance_scale": 5.0, "fps": 8.0, "use_dynamic_cfg": false,
+//!   "guidance_max_timestep": 800 }
 //! ```
 //!
 //! Sizes are not here: the transformer's `sample_frames`/`sample_height`/`sample_width` give them.
@@ -25,6 +26,10 @@ pub struct GenerationDefaults {
     pub num_inference_steps: usize,
     pub guidance_scale: f64,
     pub use_dynamic_cfg: bool,
+    /// Guidance only at timesteps ≤ this (`GenerateRequest::guidance_max_timestep`); absent:
+    /// every step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guidance_max_timestep: Option<usize>,
     /// Frames per second of written videos.
     pub fps: f32,
 }
@@ -36,6 +41,7 @@ impl Default for GenerationDefaults {
             num_inference_steps: 50,
             guidance_scale: 6.0,
             use_dynamic_cfg: false,
+            guidance_max_timestep: None,
             fps: 8.0,
         }
     }
@@ -96,6 +102,7 @@ mod tests {
             num_inference_steps: 20,
             guidance_scale: 4.5,
             use_dynamic_cfg: true,
+            guidance_max_timestep: Some(800),
             fps: 12.0,
         };
         g.save(&d).unwrap();
@@ -105,6 +112,7 @@ mod tests {
         let p = GenerationDefaults::load(&d).unwrap();
         assert_eq!(p.guidance_scale, 3.0);
         assert_eq!(p.num_inference_steps, 50);
+        assert_eq!(p.guidance_max_timestep, None);
         std::fs::remove_dir_all(&d).unwrap();
     }
 

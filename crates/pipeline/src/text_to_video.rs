@@ -67,6 +67,10 @@ pub struct GenerateRequest {
     pub num_inference_steps: usize,
     pub guidance_scale: f64,
     pub use_dynamic_cfg: bool,
+    /// Guidance only at timesteps ≤ this; the steps above it (the noisiest, where the layout is
+    /// drawn) take the conditional prediction alone and skip the unconditional forward
+    /// (guidance in a limited interval, Kynkäänniemi et al. 2024). `None`: every step.
+    pub guidance_max_timestep: Option<usize>,
     pub seed: u64,
     /// Initial noise `[B, F, C, h, w]`; drawn from `seed` when absent.
     pub latents: Option<Tensor>,
@@ -86,6 +90,7 @@ impl Default for GenerateRequest {
             num_inference_steps: 50,
             guidance_scale: 6.0,
             use_dynamic_cfg: false,
+            guidance_max_timestep: None,
             seed: 42,
             latents: None,
             scheduler_noise: None,

@@ -306,3 +306,70 @@ fn each_mode_rejects_the_other_kind_of_model() {
         "{e}"
     );
 }
+
+/// Each step of a run: (timestep, guidance scale, batch of the transformer's output, latents).
+type Steps = Vec<(usize, f64, usize, Tensor)>;
+
+fn record(steps: &mut Steps) -> impl FnMut(Event<'_>) -> ControlFlow<()> + '_ {
+    |e| {
+        if let Event::Step {
+            timestep,
+            guidance_scale,
+            model_output,
+            latents,
+            ..
+        } = e
+        {
+            let b = model_output.dim(0).unwrap();
+            steps.push((timestep, guidance_scale, b, latents.clone()));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// `guidance_max_timestep` with image-to-video: the steps above it run the conditional half
+/// alone (one forward of B, with its image latents) and match a run without guidance step for
+/// step; from the first step at or below it, guidance is back (2B, the scale, other latents);
+/// a bound at or above every timestep changes nothing.
+#[test]
+fn guidance_applies_only_at_timesteps_up_to_guidance_max_timestep() {
+    let (case, mut pipe) = load("pipeline_i2v_5b_like");
+    let image = unit_chw(&case.inputs["image_u8"]);
+    let mut run = |max_t: Option<usize>, guidance: Option<f64>| {
+        let mut req = ImageToVideoRequest::new(case.request(true), image.clone());
+        req.image_noise = Some(case.inputs["image_encode_noise"].clone());
+        req.request.guidance_max_timestep = max_t;
+        if let Some(g) = guidance {
+            req.request.guidance_scale = g;
+        }
+        let mut steps = Steps::new();
+        pipe.image_to_video(req, &mut record(&mut steps)).unwrap();
+        steps
+    };
+    let full = run(None, None);
+    let ts: Vec<usize> = full.iter().map(|s| s.0).collect();
+    assert!(ts.len() >= 2, "{ts:?}");
+    assert!(
+        full.iter().all(|s| s.2 == 2),
+        "the fixture guides one video"
+    );
+    let g = case.meta["guidance_scale"].as_f64().unwrap();
+    assert!(g > 1.0);
+    for (a, b) in run(Some(1000), None).iter().zip(&full) {
+        assert_close("bound above every timestep", &a.3, &b.3, 0.0);
+    }
+    // Unguided for the first step.
+    let m = ts[1];
+    let cut = run(Some(m), None);
+    let plain = run(None, Some(1.0));
+    for (i, ((c, p), f)) in cut.iter().zip(&plain).zip(&full).enumerate() {
+        if i < 1 {
+            assert_eq!((c.1, c.2), (1.0, 1), "step {i} (t = {}) is not guided", c.0);
+            assert_close(&format!("step {i} as unguided"), &c.3, &p.3, 0.0);
+        } else {
+            assert_eq!((c.1, c.2), (f.1, 2), "step {i} (t = {}) is guided", c.0);
+            let d = vdit_core::testing::max_abs_diff(&c.3, &p.3).unwrap();
+            assert!(d > 1e-4, "step {i}: guidance changed nothing ({d})");
+        }
+    }
+}

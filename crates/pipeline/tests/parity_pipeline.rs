@@ -226,3 +226,66 @@ fn bad_sizes_are_rejected_by_name() {
         );
     }
 }
+
+/// `guidance_max_timestep` with text-to-video: the steps above it are those of a run without
+/// guidance (one forward of B, scale 1), the later ones guided; a bound at or above every
+/// timestep changes nothing.
+#[test]
+fn guidance_applies_only_at_timesteps_up_to_guidance_max_timestep() {
+    let dir = fixture_dir("pipeline_2b_like");
+    let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
+    let mut pipe =
+        CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let mut run = |max_t: Option<usize>, guidance: f64| {
+        let req = GenerateRequest {
+            prompt: PromptInput::Embeds(inputs["prompt_embeds"].clone()),
+            negative_prompt: Some(PromptInput::Embeds(
+                inputs["negative_prompt_embeds"].clone(),
+            )),
+            num_frames: Some(9),
+            height: Some(32),
+            width: Some(48),
+            num_inference_steps: 5,
+            guidance_scale: guidance,
+            guidance_max_timestep: max_t,
+            latents: Some(inputs["latents"].clone()),
+            output: OutputKind::Latent,
+            ..Default::default()
+        };
+        let mut steps = Vec::new();
+        let out = pipe
+            .generate(req, &mut |e| {
+                if let Event::Step {
+                    timestep,
+                    guidance_scale,
+                    model_output,
+                    latents,
+                    ..
+                } = e
+                {
+                    let b = model_output.dim(0).unwrap();
+                    steps.push((timestep, guidance_scale, b, latents.clone()));
+                }
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        (steps, out.latents)
+    };
+    let (full, full_out) = run(None, 6.0);
+    assert!(full.iter().all(|s| s.2 == 2 && s.1 == 6.0));
+    let (_, same) = run(Some(1000), 6.0);
+    assert_close("bound above every timestep", &same, &full_out, 0.0);
+    let m = full[3].0;
+    let (cut, cut_out) = run(Some(m), 6.0);
+    let (plain, _) = run(None, 1.0);
+    for (i, (c, p)) in cut.iter().zip(&plain).enumerate() {
+        if i < 3 {
+            assert_eq!((c.1, c.2), (1.0, 1), "step {i} (t = {}) is not guided", c.0);
+            assert_close(&format!("step {i} as unguided"), &c.3, &p.3, 0.0);
+        } else {
+            assert_eq!((c.1, c.2), (6.0, 2), "step {i} (t = {}) is guided", c.0);
+        }
+    }
+    let d = vdit_core::testing::max_abs_diff(&cut_out, &full_out).unwrap();
+    assert!(d > 1e-4, "the unguided steps changed nothing ({d})");
+}

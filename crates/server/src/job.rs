@@ -55,6 +55,9 @@ pub struct Params {
     pub num_inference_steps: usize,
     pub guidance_scale: f64,
     pub use_dynamic_cfg: bool,
+    /// Guidance only at timesteps ≤ this (absent in jobs stored before the field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_max_timestep: Option<usize>,
     pub seed: u64,
     pub fps: f32,
 }

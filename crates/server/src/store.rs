@@ -400,6 +400,7 @@ mod tests {
             num_inference_steps: 2,
             guidance_scale: 6.0,
             use_dynamic_cfg: false,
+            guidance_max_timestep: None,
             seed: 7,
             fps: 8.0,
         }

@@ -16,6 +16,7 @@ pub const FIELDS: &[&str] = &[
     "num_inference_steps",
     "guidance_scale",
     "use_dynamic_cfg",
+    "guidance_max_timestep",
     "seed",
     "fps",
 ];
@@ -85,6 +86,7 @@ pub struct ModelInfo {
     pub default_steps: usize,
     pub default_guidance_scale: f64,
     pub default_use_dynamic_cfg: bool,
+    pub default_guidance_max_timestep: Option<usize>,
     pub default_fps: f32,
     /// Transformer sizes, for the memory estimate.
     pub inner_dim: usize,
@@ -368,6 +370,19 @@ pub fn validate(
             ))
         }
     };
+    let guidance_max_timestep = match get_uint(&obj, "guidance_max_timestep")? {
+        None => model.default_guidance_max_timestep,
+        Some(m) if m <= model.num_train_timesteps as u64 => Some(m as usize),
+        Some(m) => {
+            return Err(FieldError::new(
+                "guidance_max_timestep",
+                format!(
+                    "guidance_max_timestep must be at most {} (the schedule's timesteps), got {m}",
+                    model.num_train_timesteps
+                ),
+            ))
+        }
+    };
     let seed = get_uint(&obj, "seed")?.unwrap_or(seed);
     let fps = f.num("fps", model.default_fps.into(), AboveAtMost(0.0, 120.0))?;
     let params = Params {
@@ -379,6 +394,7 @@ pub fn validate(
         num_inference_steps: steps as usize,
         guidance_scale: guidance,
         use_dynamic_cfg,
+        guidance_max_timestep,
         seed,
         fps: fps as f32,
     };
@@ -416,6 +432,7 @@ mod tests {
             default_steps: 3,
             default_guidance_scale: 6.0,
             default_use_dynamic_cfg: false,
+            default_guidance_max_timestep: None,
             default_fps: 8.0,
             inner_dim: 32,
             text_len: 16,
@@ -451,6 +468,7 @@ mod tests {
                 num_inference_steps: 3,
                 guidance_scale: 6.0,
                 use_dynamic_cfg: false,
+                guidance_max_timestep: None,
                 seed: 99,
                 fps: 8.0,
             }
@@ -458,7 +476,7 @@ mod tests {
         let p = check(
             r#"{"prompt": "x", "negative_prompt": null, "num_frames": 17, "height": 64, "width": 16,
                 "num_inference_steps": 7, "guidance_scale": 1, "seed": 5, "fps": 12.5,
-                "use_dynamic_cfg": true}"#,
+                "use_dynamic_cfg": true, "guidance_max_timestep": 800}"#,
         )
         .unwrap();
         assert_eq!(
@@ -467,6 +485,7 @@ mod tests {
         );
         assert_eq!((p.guidance_scale, p.seed, p.fps), (1.0, 5, 12.5));
         assert!(p.use_dynamic_cfg);
+        assert_eq!(p.guidance_max_timestep, Some(800));
     }
 
     #[test]
@@ -496,6 +515,8 @@ mod tests {
             (r#""seed": -1"#, "non-negative integer"),
             (r#""fps": 0"#, "(0, 120]"),
             (r#""use_dynamic_cfg": 1"#, "true or false"),
+            (r#""guidance_max_timestep": 1001"#, "at most 1000"),
+            (r#""guidance_max_timestep": -3"#, "non-negative integer"),
             (r#""output_path": "/etc/passwd""#, "unknown field"),
         ];
         let bodies = after_prompt.iter().map(|(fields, rule)| {

@@ -82,6 +82,7 @@ pub fn model_info(pipe: &CogVideoXPipeline) -> ModelInfo {
         default_steps: pipe.defaults.num_inference_steps,
         default_guidance_scale: pipe.defaults.guidance_scale,
         default_use_dynamic_cfg: pipe.defaults.use_dynamic_cfg,
+        default_guidance_max_timestep: pipe.defaults.guidance_max_timestep,
         default_fps: pipe.defaults.fps,
         inner_dim: t.inner_dim(),
         text_len: t.max_text_seq_length,
@@ -286,6 +287,7 @@ fn generate(
         num_inference_steps: p.num_inference_steps,
         guidance_scale: p.guidance_scale,
         use_dynamic_cfg: p.use_dynamic_cfg,
+        guidance_max_timestep: p.guidance_max_timestep,
         seed: p.seed,
         ..GenerateRequest::default()
     };

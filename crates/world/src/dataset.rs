@@ -292,6 +292,34 @@ pub fn score_dir(dir: &Path) -> Result<Vec<ScoredClip>> {
         .collect()
 }
 
+/// One line of a per-clip score file ([`write_clip_scores`]): a clip's id, its caption and
+/// everything the scorer recovered from it (background, every track with its per-frame
+/// centroids, areas and shapes, and the judgement of each caption object).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClipScoreLine {
+    pub id: String,
+    pub caption: String,
+    pub score: ClipScore,
+}
+
+/// Writes one [`ClipScoreLine`] per clip as JSON lines, in the clips' order: what to read when
+/// the report's rates are not enough to tell why a model fails (spurious tracks, a shape
+/// drawn as another, a direction reversed).
+pub fn write_clip_scores(path: &Path, clips: &[ScoredClip]) -> Result<()> {
+    let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::new(f);
+    for c in clips {
+        let line = ClipScoreLine {
+            id: c.record.id.clone(),
+            caption: c.record.caption.clone(),
+            score: c.score.clone(),
+        };
+        let text = serde_json::to_string(&line).map_err(|e| Error::video(path, e.to_string()))?;
+        writeln!(w, "{text}").map_err(|e| Error::io(path, e))?;
+    }
+    w.flush().map_err(|e| Error::io(path, e))
+}
+
 /// The report over scored clips.
 pub fn report(clips: &[ScoredClip]) -> Report {
     let mut r = Report::new();

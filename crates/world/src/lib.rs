@@ -33,8 +33,8 @@ pub mod split;
 
 pub use caption::{caption, parse_caption, Attribute, ParsedCaption, ParsedObject};
 pub use dataset::{
-    clip_id, export, read_records, report, sample_clip, score_dir, ClipFormat, ClipRecord,
-    ScoredClip,
+    clip_id, export, read_records, report, sample_clip, score_dir, write_clip_scores, ClipFormat,
+    ClipRecord, ClipScoreLine, ScoredClip,
 };
 pub use error::{Error, Result};
 pub use render::{render, render_at, RenderOpts};

@@ -175,3 +175,73 @@ fn bad_datasets_give_clear_errors() {
     std::fs::remove_file(d.0.join("captions.jsonl")).unwrap();
     assert!(err(()).contains("captions.jsonl"));
 }
+
+/// `write_clip_scores`: one JSON line per clip, in order, that reads back to the same score;
+/// on ground-truth renders each line shows the scene's objects recovered as its tracks.
+#[test]
+fn per_clip_scores_round_trip_and_show_the_scene() {
+    let d = TempDir::new("clip-scores");
+    let opts = RenderOpts {
+        width: 64,
+        height: 64,
+        ..Default::default()
+    };
+    let recs = export(&d.0, Split::ValIid, 12, 3, opts, ClipFormat::Png).unwrap();
+    let clips = score_dir(&d.0).unwrap();
+    let path = d.0.join("scores.jsonl");
+    write_clip_scores(&path, &clips).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<ClipScoreLine> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), recs.len());
+    for ((line, rec), clip) in lines.iter().zip(&recs).zip(&clips) {
+        assert_eq!(line.id, rec.id);
+        assert_eq!(line.caption, rec.caption);
+        // Equal up to the last digit of a float (serde_json's parser may round the shortest
+        // decimal to a neighbouring f64).
+        let (a, b) = (
+            serde_json::to_value(&line.score).unwrap(),
+            serde_json::to_value(&clip.score).unwrap(),
+        );
+        assert!(nearly_equal(&a, &b), "{}: {a} vs {b}", line.id);
+        let scene = rec.scene.as_ref().unwrap();
+        assert_eq!(line.score.count, scene.objects.len(), "{}", line.id);
+        let counted: Vec<_> = line
+            .score
+            .tracks
+            .iter()
+            .filter(|t| t.is_counted(line.score.frames))
+            .collect();
+        assert_eq!(counted.len(), scene.objects.len(), "{}", line.id);
+        for o in &scene.objects {
+            assert!(
+                counted
+                    .iter()
+                    .any(|t| t.colour == o.colour && t.shape == o.shape && t.motion == o.motion),
+                "{}: {o:?} not among the tracks",
+                line.id
+            );
+        }
+    }
+}
+
+fn nearly_equal(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value::*;
+    match (a, b) {
+        (Number(x), Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            (x - y).abs() <= 1e-12 * x.abs().max(1.0)
+        }
+        (Array(x), Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(u, v)| nearly_equal(u, v))
+        }
+        (Object(x), Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, u)| y.get(k).is_some_and(|v| nearly_equal(u, v)))
+        }
+        _ => a == b,
+    }
+}
