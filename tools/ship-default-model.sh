@@ -26,7 +26,14 @@ if [ -n "$decoder" ]; then
   cp -r "$decoder/export" "$dst/vae"
 fi
 cp "$t2v/export/model_index.json" "$dst/"
-[ -f "$t2v/export/generation_config.json" ] && cp "$t2v/export/generation_config.json" "$dst/"
+if [ -f "$t2v/export/generation_config.json" ]; then
+  cp "$t2v/export/generation_config.json" "$dst/"
+  # Tuned on the finished model (model card, iteration 9): guidance only at timesteps <= 700.
+  # The export writes its keys in order, use_dynamic_cfg last.
+  grep -q '"guidance_max_timestep"' "$dst/generation_config.json" ||
+    sed -i 's/^  "use_dynamic_cfg": \(true\|false\)$/  "use_dynamic_cfg": \1,\n  "guidance_max_timestep": 700/' "$dst/generation_config.json"
+  grep -q '"guidance_max_timestep": 700' "$dst/generation_config.json" || { echo "could not set guidance_max_timestep in $dst/generation_config.json" >&2; exit 1; }
+fi
 mkdir -p "$dst/training"
 for run in "$vae" "$t2v" $decoder; do
   name=$(basename "$run")

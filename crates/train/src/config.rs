@@ -705,6 +705,7 @@ mod tests {
             "toy",
             "vae",
             "vae_decoder",
+            "vae_decoder2",
         ] {
             assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
         }
