@@ -14,6 +14,8 @@ use vdit_pipeline::{
 };
 use vdit_schedulers::RecordedNoise;
 
+mod common;
+
 struct Case {
     name: &'static str,
     meta: serde_json::Value,
@@ -307,26 +309,6 @@ fn each_mode_rejects_the_other_kind_of_model() {
     );
 }
 
-/// Each step of a run: (timestep, guidance scale, batch of the transformer's output, latents).
-type Steps = Vec<(usize, f64, usize, Tensor)>;
-
-fn record(steps: &mut Steps) -> impl FnMut(Event<'_>) -> ControlFlow<()> + '_ {
-    |e| {
-        if let Event::Step {
-            timestep,
-            guidance_scale,
-            model_output,
-            latents,
-            ..
-        } = e
-        {
-            let b = model_output.dim(0).unwrap();
-            steps.push((timestep, guidance_scale, b, latents.clone()));
-        }
-        ControlFlow::Continue(())
-    }
-}
-
 /// `guidance_max_timestep` with image-to-video: the steps above it run the conditional half
 /// alone (one forward of B, with its image latents) and match a run without guidance step for
 /// step; from the first step at or below it, guidance is back (2B, the scale, other latents);
@@ -342,8 +324,9 @@ fn guidance_applies_only_at_timesteps_up_to_guidance_max_timestep() {
         if let Some(g) = guidance {
             req.request.guidance_scale = g;
         }
-        let mut steps = Steps::new();
-        pipe.image_to_video(req, &mut record(&mut steps)).unwrap();
+        let mut steps = common::Steps::new();
+        pipe.image_to_video(req, &mut common::record(&mut steps))
+            .unwrap();
         steps
     };
     let full = run(None, None);

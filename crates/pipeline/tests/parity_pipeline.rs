@@ -7,6 +7,8 @@ use vdit_core::testing::{assert_close, fixture_dir, load_meta, load_tensors};
 use vdit_pipeline::{CogVideoXPipeline, Event, GenerateRequest, OutputKind, PromptInput};
 use vdit_schedulers::RecordedNoise;
 
+mod common;
+
 fn run_case(case: &str) {
     let dir = fixture_dir(case);
     let meta = load_meta(&dir).unwrap();
@@ -114,15 +116,8 @@ fn cancellation_stops_the_run() {
     let mut pipe =
         CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
     let req = GenerateRequest {
-        prompt: PromptInput::Embeds(inputs["prompt_embeds"].clone()),
-        negative_prompt: Some(PromptInput::Embeds(
-            inputs["negative_prompt_embeds"].clone(),
-        )),
-        num_frames: Some(9),
-        height: Some(32),
-        width: Some(48),
         num_inference_steps: 4,
-        ..Default::default()
+        ..common::embeds_request(&inputs)
     };
     let mut steps = 0;
     let r = pipe.generate(req, &mut |e| {
@@ -238,37 +233,15 @@ fn guidance_applies_only_at_timesteps_up_to_guidance_max_timestep() {
         CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
     let mut run = |max_t: Option<usize>, guidance: f64| {
         let req = GenerateRequest {
-            prompt: PromptInput::Embeds(inputs["prompt_embeds"].clone()),
-            negative_prompt: Some(PromptInput::Embeds(
-                inputs["negative_prompt_embeds"].clone(),
-            )),
-            num_frames: Some(9),
-            height: Some(32),
-            width: Some(48),
             num_inference_steps: 5,
             guidance_scale: guidance,
             guidance_max_timestep: max_t,
             latents: Some(inputs["latents"].clone()),
             output: OutputKind::Latent,
-            ..Default::default()
+            ..common::embeds_request(&inputs)
         };
-        let mut steps = Vec::new();
-        let out = pipe
-            .generate(req, &mut |e| {
-                if let Event::Step {
-                    timestep,
-                    guidance_scale,
-                    model_output,
-                    latents,
-                    ..
-                } = e
-                {
-                    let b = model_output.dim(0).unwrap();
-                    steps.push((timestep, guidance_scale, b, latents.clone()));
-                }
-                ControlFlow::Continue(())
-            })
-            .unwrap();
+        let mut steps = common::Steps::new();
+        let out = pipe.generate(req, &mut common::record(&mut steps)).unwrap();
         (steps, out.latents)
     };
     let (full, full_out) = run(None, 6.0);
