@@ -161,7 +161,8 @@ pub fn load_model_weights(
         }
         return Ok(out);
     }
-    if dir.join("config.json").is_file() {
+    // A component folder: its config and its weights (a run's out_dir has a config.json too).
+    if dir.join("config.json").is_file() && vdit_core::weights::find_safetensors(dir).is_ok() {
         return load_component(dir, dev);
     }
     Err(Error::invalid(
