@@ -140,15 +140,8 @@ fn bad_sizes_are_rejected_by_name() {
     let mut pipe =
         CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
     let base = || GenerateRequest {
-        prompt: PromptInput::Embeds(inputs["prompt_embeds"].clone()),
-        negative_prompt: Some(PromptInput::Embeds(
-            inputs["negative_prompt_embeds"].clone(),
-        )),
-        num_frames: Some(9),
-        height: Some(32),
-        width: Some(48),
         num_inference_steps: 2,
-        ..Default::default()
+        ..common::embeds_request(&inputs)
     };
     let cases: Vec<(GenerateRequest, &str)> = vec![
         (
