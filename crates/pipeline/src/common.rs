@@ -407,6 +407,12 @@ impl CogVideoXPipeline {
             Some(img) => Some(img.clone()),
             None => None,
         };
+        // The conditional halves, for the steps above guidance_max_timestep.
+        let cond_text = if do_cfg {
+            Some(d.text.narrow(0, batch, batch)?)
+        } else {
+            None
+        };
         let rope_ref = d.rope.map(|(c, s)| (c, s));
         for (i, &t) in d.timesteps.iter().enumerate() {
             let _span = tracing::debug_span!("step", i, t).entered();
@@ -420,17 +426,14 @@ impl CogVideoXPipeline {
             };
             let model_in = self.scheduler.scale_model_input(&model_in, t)?;
             // [2B, F, C, h, w] ++ [2B, F, C, h, w] on channels -> [2B, F, 2C, h, w]
-            let model_in = match &image_in {
-                Some(img) if do_cfg && !guided => {
-                    Tensor::cat(&[&model_in, &img.narrow(0, batch, batch)?], 2)?
-                }
-                Some(img) => Tensor::cat(&[&model_in, img], 2)?,
-                None => model_in,
+            let model_in = match (&image_in, d.image_latents) {
+                (Some(_), Some(img)) if !guided => Tensor::cat(&[&model_in, img], 2)?,
+                (Some(img), _) => Tensor::cat(&[&model_in, img], 2)?,
+                (None, _) => model_in,
             };
-            let text = if do_cfg && !guided {
-                d.text.narrow(0, batch, batch)?
-            } else {
-                d.text.clone()
+            let text = match &cond_text {
+                Some(cond) if !guided => cond,
+                _ => d.text,
             };
             let tt = Tensor::full(t as f32, model_in.dim(0)?, self.device())?;
             let ofs = d.ofs.map(|o| o.to_dtype(self.dtype())).transpose()?;
@@ -438,7 +441,7 @@ impl CogVideoXPipeline {
                 .transformer
                 .forward(
                     &model_in.to_dtype(self.dtype())?,
-                    &text,
+                    text,
                     &tt,
                     rope_ref,
                     ofs.as_ref(),

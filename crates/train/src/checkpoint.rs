@@ -140,7 +140,8 @@ pub fn load_model_weights(
             .collect();
         let mut out = HashMap::new();
         for name in present.iter().filter(|n| wanted(n)) {
-            for (key, t) in load_component(&folder.component(name)?, dev)? {
+            let files = vdit_core::weights::find_safetensors(&folder.component(name)?)?;
+            for (key, t) in load_files(&files, dev)? {
                 out.insert(format!("{name}.{key}"), t);
             }
         }
@@ -162,8 +163,10 @@ pub fn load_model_weights(
         return Ok(out);
     }
     // A component folder: its config and its weights (a run's out_dir has a config.json too).
-    if dir.join("config.json").is_file() && vdit_core::weights::find_safetensors(dir).is_ok() {
-        return load_component(dir, dev);
+    if dir.join("config.json").is_file() {
+        if let Ok(files) = vdit_core::weights::find_safetensors(dir) {
+            return load_files(&files, dev);
+        }
     }
     Err(Error::invalid(
         "init_from",
@@ -174,11 +177,11 @@ pub fn load_model_weights(
     ))
 }
 
-/// Every tensor of a diffusers component folder, by its key.
-fn load_component(dir: &Path, dev: &Device) -> Result<HashMap<String, Tensor>> {
+/// Every tensor of a component folder's safetensors files (its shards), by its key.
+fn load_files(files: &[PathBuf], dev: &Device) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
-    for file in vdit_core::weights::find_safetensors(dir)? {
-        out.extend(load_tensors(&file, dev)?);
+    for file in files {
+        out.extend(load_tensors(file, dev)?);
     }
     Ok(out)
 }

@@ -90,16 +90,15 @@ impl AdamW {
             .keys()
             .find(|k| !vars.iter().any(|(n, _)| n.starts_with(k.as_str())))
         {
-            let mut roots: Vec<&str> = vars
+            let roots: std::collections::BTreeSet<&str> = vars
                 .iter()
                 .map(|(n, _)| n.split('.').next().unwrap_or(n))
                 .collect();
-            roots.dedup();
             return Err(Error::invalid(
                 format!("optim.lr_scale.\"{key}\""),
                 format!(
                     "matches no trainable var (their names start with: {})",
-                    roots.join(", ")
+                    roots.into_iter().collect::<Vec<_>>().join(", ")
                 ),
             ));
         }

@@ -166,10 +166,15 @@ pub fn export(
 
 /// Writes records as JSON lines.
 pub fn write_records(path: &Path, records: &[ClipRecord]) -> Result<()> {
+    write_json_lines(path, records)
+}
+
+/// Writes one JSON line per item.
+fn write_json_lines<T: Serialize>(path: &Path, items: impl IntoIterator<Item = T>) -> Result<()> {
     let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
     let mut w = std::io::BufWriter::new(f);
-    for r in records {
-        let line = serde_json::to_string(r).map_err(|e| Error::video(path, e.to_string()))?;
+    for item in items {
+        let line = serde_json::to_string(&item).map_err(|e| Error::video(path, e.to_string()))?;
         writeln!(w, "{line}").map_err(|e| Error::io(path, e))?;
     }
     w.flush().map_err(|e| Error::io(path, e))
@@ -306,18 +311,14 @@ pub struct ClipScoreLine {
 /// the report's rates are not enough to tell why a model fails (spurious tracks, a shape
 /// drawn as another, a direction reversed).
 pub fn write_clip_scores(path: &Path, clips: &[ScoredClip]) -> Result<()> {
-    let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut w = std::io::BufWriter::new(f);
-    for c in clips {
-        let line = ClipScoreLine {
+    write_json_lines(
+        path,
+        clips.iter().map(|c| ClipScoreLine {
             id: c.record.id.clone(),
             caption: c.record.caption.clone(),
             score: c.score.clone(),
-        };
-        let text = serde_json::to_string(&line).map_err(|e| Error::video(path, e.to_string()))?;
-        writeln!(w, "{text}").map_err(|e| Error::io(path, e))?;
-    }
-    w.flush().map_err(|e| Error::io(path, e))
+        }),
+    )
 }
 
 /// The report over scored clips.
