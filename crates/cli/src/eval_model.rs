@@ -46,6 +46,9 @@ pub struct EvalModelArgs {
     /// Guidance only at timesteps <= N (1000: every step). Default: the model's.
     #[arg(long, value_name = "N")]
     pub guidance_max_timestep: Option<usize>,
+    /// Guidance rescale φ in [0, 1] (diffusers' `guidance_rescale`; 0: off). Default: the model's.
+    #[arg(long, value_name = "PHI")]
+    pub guidance_rescale: Option<f64>,
     /// Pixel frames (4k+1). Default: the model's.
     #[arg(long)]
     pub num_frames: Option<usize>,
@@ -129,6 +132,7 @@ pub fn run_model(a: EvalModelArgs) -> Result<()> {
         guidance_scale: a.guidance_scale.unwrap_or(defaults.guidance_scale),
         use_dynamic_cfg: defaults.use_dynamic_cfg,
         guidance_max_timestep: a.guidance_max_timestep.or(defaults.guidance_max_timestep),
+        guidance_rescale: a.guidance_rescale.unwrap_or(defaults.guidance_rescale),
         ..Default::default()
     };
     let (frames, height, width) = pipe.resolve_size(&probe)?;
@@ -145,14 +149,19 @@ pub fn run_model(a: EvalModelArgs) -> Result<()> {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     eprintln!(
-        "evaluating {} on {} {split} captions: {frames}x{height}x{width}, {} steps, guidance {}{}",
+        "evaluating {} on {} {split} captions: {frames}x{height}x{width}, {} steps, guidance {}{}{}",
         model.display(),
         a.count,
         probe.num_inference_steps,
         probe.guidance_scale,
         probe
             .guidance_max_timestep
-            .map_or(String::new(), |m| format!(" at timesteps <= {m}"))
+            .map_or(String::new(), |m| format!(" at timesteps <= {m}")),
+        if probe.guidance_rescale > 0.0 {
+            format!(", rescaled {}", probe.guidance_rescale)
+        } else {
+            String::new()
+        }
     );
     let bar = indicatif::ProgressBar::new(a.count);
     let mut report = Report::new();
@@ -183,6 +192,7 @@ pub fn run_model(a: EvalModelArgs) -> Result<()> {
             guidance_scale: probe.guidance_scale,
             use_dynamic_cfg: probe.use_dynamic_cfg,
             guidance_max_timestep: probe.guidance_max_timestep,
+            guidance_rescale: probe.guidance_rescale,
             seed: a.seed.wrapping_mul(1_000_003).wrapping_add(bi as u64),
             output: OutputKind::Frames,
             ..Default::default()

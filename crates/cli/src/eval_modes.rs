@@ -187,6 +187,7 @@ pub(crate) struct Settings {
     pub guidance: f64,
     pub use_dynamic_cfg: bool,
     pub guidance_max_timestep: Option<usize>,
+    pub guidance_rescale: f64,
     pub strength: f64,
     pub modes: Modes,
     /// Size, length and fps of the renders (and of every generation).
@@ -233,6 +234,7 @@ impl Settings {
             guidance: probe.guidance_scale,
             use_dynamic_cfg: d.use_dynamic_cfg,
             guidance_max_timestep: d.guidance_max_timestep,
+            guidance_rescale: d.guidance_rescale,
             strength: a.strength,
             modes,
             opts,
@@ -280,6 +282,7 @@ impl Settings {
             "guidance_scale": self.guidance,
             "use_dynamic_cfg": self.use_dynamic_cfg,
             "guidance_max_timestep": self.guidance_max_timestep,
+            "guidance_rescale": self.guidance_rescale,
             "seed": self.seed,
             "batch": self.batch,
             "v2v_strength": self.strength,
@@ -527,6 +530,7 @@ impl Runner<'_, '_> {
             guidance_scale: s.guidance,
             use_dynamic_cfg: s.use_dynamic_cfg,
             guidance_max_timestep: s.guidance_max_timestep,
+            guidance_rescale: s.guidance_rescale,
             seed,
             output: OutputKind::Frames,
             ..Default::default()

@@ -67,6 +67,11 @@ pub struct GenerateArgs {
     /// model's `generation_config.json`, else every step.
     #[arg(long, value_name = "N")]
     pub guidance_max_timestep: Option<usize>,
+    /// Guidance rescale φ in [0, 1] (diffusers' `guidance_rescale`, Lin et al. 2024): each
+    /// guided prediction is brought towards the conditional one's standard deviation, against
+    /// the over-saturation of strong guidance. 0 turns it off. Default: the model's, else 0.
+    #[arg(long, value_name = "PHI")]
+    pub guidance_rescale: Option<f64>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Frames per second of the written video. Default: the model's, else 8.
@@ -265,6 +270,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         guidance_max_timestep: args
             .guidance_max_timestep
             .or(defaults.guidance_max_timestep),
+        guidance_rescale: args.guidance_rescale.unwrap_or(defaults.guidance_rescale),
         seed: args.seed,
         latents,
         scheduler_noise: None,

@@ -59,6 +59,8 @@ pub(crate) struct Denoise<'a> {
     pub use_dynamic_cfg: bool,
     /// Guidance only at timesteps ≤ this ([`GenerateRequest::guidance_max_timestep`]).
     pub guidance_max_timestep: Option<usize>,
+    /// φ of [`GenerateRequest::guidance_rescale`].
+    pub guidance_rescale: f64,
     /// N in CogVideoX's dynamic guidance formula: the steps of the schedule (video-to-video: the
     /// steps left after the strength cut, as diffusers).
     pub dynamic_cfg_steps: usize,
@@ -90,6 +92,7 @@ impl<'a> Denoise<'a> {
             guidance_scale: req.guidance_scale,
             use_dynamic_cfg: req.use_dynamic_cfg,
             guidance_max_timestep: req.guidance_max_timestep,
+            guidance_rescale: req.guidance_rescale,
             dynamic_cfg_steps: req.num_inference_steps,
             timesteps,
             rope,
@@ -174,6 +177,24 @@ pub(crate) fn posterior_sample(
     }
     let noise = noise.to_device(post.mean.device())?.to_dtype(DType::F32)?;
     Ok(post.sample(&noise)?)
+}
+
+/// diffusers' `rescale_noise_cfg`: `guided · σ_cond / σ_guided` mixed `phi : 1 − phi` with
+/// `guided`, where σ is each sample's standard deviation (over every axis but the first, with
+/// torch's n − 1 divisor). `guided` and `cond` are `[B, ...]` of the same shape.
+pub fn rescale_guidance(guided: &Tensor, cond: &Tensor, phi: f64) -> Result<Tensor> {
+    let std = |x: &Tensor| -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let flat = x.reshape((b, ()))?;
+        let n = flat.dim(1)?;
+        let centred = flat.broadcast_sub(&flat.mean_keepdim(1)?)?;
+        Ok((centred.sqr()?.sum_keepdim(1)? / (n.max(2) - 1) as f64)?.sqrt()?)
+    };
+    let mut shape = vec![guided.dim(0)?];
+    shape.resize(guided.rank(), 1);
+    let ratio = (std(cond)? / std(guided)?)?.reshape(shape)?;
+    let rescaled = guided.broadcast_mul(&ratio)?;
+    Ok(((rescaled * phi)? + (guided * (1.0 - phi))?)?)
 }
 
 /// Frames must be in `[0, 1]` (a `[0, 255]` tensor would be encoded as a white flash).
@@ -458,7 +479,12 @@ impl CogVideoXPipeline {
                 let uncond = model_output.narrow(0, 0, batch)?;
                 let cond = model_output.narrow(0, batch, batch)?;
                 // uncond + g·(cond − uncond), with g rounded to f32 as torch does
-                (&uncond + ((&cond - &uncond)? * (g as f32) as f64)?)?
+                let guided = (&uncond + ((&cond - &uncond)? * (g as f32) as f64)?)?;
+                if d.guidance_rescale > 0.0 {
+                    rescale_guidance(&guided, &cond, d.guidance_rescale)?
+                } else {
+                    guided
+                }
             } else {
                 model_output.clone()
             };
@@ -563,5 +589,65 @@ impl CogVideoXPipeline {
         // [B, 3, F, H, W] -> [B, F, 3, H, W], (x/2 + 0.5).clamp(0, 1)
         let video = (video.permute((0, 2, 1, 3, 4))? / 2.0)?;
         Ok((video + 0.5)?.clamp(0f32, 1f32)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Each sample's standard deviation with torch's n − 1 divisor, by hand.
+    fn std(x: &[f64]) -> f64 {
+        let m = x.iter().sum::<f64>() / x.len() as f64;
+        (x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (x.len() - 1) as f64).sqrt()
+    }
+
+    #[test]
+    fn rescale_guidance_matches_the_formula_by_hand() {
+        // two samples of 2x3: the rescale is per sample
+        let guided: Vec<f32> = vec![
+            1.0, -2.0, 3.5, 0.25, 4.0, -1.0, /* sample 2 */ 0.1, 0.2, -0.3, 0.4, 0.0, 0.6,
+        ];
+        let cond: Vec<f32> = vec![
+            0.5, -0.5, 1.0, 0.0, 1.5, -0.25, /* sample 2 */ 2.0, -1.0, 0.5, 0.0, 1.0, -2.0,
+        ];
+        let dev = Device::Cpu;
+        let g = Tensor::from_vec(guided.clone(), (2, 2, 3), &dev).unwrap();
+        let c = Tensor::from_vec(cond.clone(), (2, 2, 3), &dev).unwrap();
+        for phi in [0.0, 0.7, 1.0] {
+            let got: Vec<f32> = rescale_guidance(&g, &c, phi)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for s in 0..2 {
+                let gs: Vec<f64> = guided[s * 6..s * 6 + 6].iter().map(|&v| v as f64).collect();
+                let cs: Vec<f64> = cond[s * 6..s * 6 + 6].iter().map(|&v| v as f64).collect();
+                let ratio = std(&cs) / std(&gs);
+                for i in 0..6 {
+                    let want = phi * gs[i] * ratio + (1.0 - phi) * gs[i];
+                    let d = (got[s * 6 + i] as f64 - want).abs();
+                    assert!(
+                        d < 1e-6,
+                        "phi {phi} sample {s} [{i}]: {} vs {want}",
+                        got[s * 6 + i]
+                    );
+                }
+            }
+        }
+        // phi = 1: each sample takes the conditional prediction's spread
+        let full: Vec<f32> = rescale_guidance(&g, &c, 1.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for s in 0..2 {
+            let f: Vec<f64> = full[s * 6..s * 6 + 6].iter().map(|&v| v as f64).collect();
+            let cs: Vec<f64> = cond[s * 6..s * 6 + 6].iter().map(|&v| v as f64).collect();
+            assert!((std(&f) - std(&cs)).abs() < 1e-6);
+        }
     }
 }

@@ -6,7 +6,7 @@
 //!
 //! ```json
 //! { "num_inference_steps": 25, "guidance_scale": 5.0, "fps": 8.0, "use_dynamic_cfg": false,
-//!   "guidance_max_timestep": 800 }
+//!   "guidance_max_timestep": 800, "guidance_rescale": 0.7 }
 //! ```
 //!
 //! Sizes are not here: the transformer's `sample_frames`/`sample_height`/`sample_width` give them.
@@ -30,6 +30,9 @@ pub struct GenerationDefaults {
     /// every step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guidance_max_timestep: Option<usize>,
+    /// φ of `GenerateRequest::guidance_rescale`; absent: 0 (off).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub guidance_rescale: f64,
     /// Frames per second of written videos.
     pub fps: f32,
 }
@@ -42,6 +45,7 @@ impl Default for GenerationDefaults {
             guidance_scale: 6.0,
             use_dynamic_cfg: false,
             guidance_max_timestep: None,
+            guidance_rescale: 0.0,
             fps: 8.0,
         }
     }
@@ -67,6 +71,12 @@ impl GenerationDefaults {
             "guidance_scale",
             || format!("must be a finite number >= 0, got {}", d.guidance_scale),
         )?;
+        ensure(
+            (0.0..=1.0).contains(&d.guidance_rescale),
+            &path,
+            "guidance_rescale",
+            || format!("must be in [0, 1], got {}", d.guidance_rescale),
+        )?;
         ensure(d.fps.is_finite() && d.fps > 0.0, &path, "fps", || {
             format!("must be a positive number, got {}", d.fps)
         })?;
@@ -79,6 +89,10 @@ impl GenerationDefaults {
         let text = serde_json::to_string_pretty(self).expect("plain struct serialises") + "\n";
         std::fs::write(&path, text).map_err(|e| vdit_core::Error::io(&path, e))
     }
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 #[cfg(test)]
@@ -103,6 +117,7 @@ mod tests {
             guidance_scale: 4.5,
             use_dynamic_cfg: true,
             guidance_max_timestep: Some(800),
+            guidance_rescale: 0.7,
             fps: 12.0,
         };
         g.save(&d).unwrap();
@@ -113,6 +128,7 @@ mod tests {
         assert_eq!(p.guidance_scale, 3.0);
         assert_eq!(p.num_inference_steps, 50);
         assert_eq!(p.guidance_max_timestep, None);
+        assert_eq!(p.guidance_rescale, 0.0);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -128,6 +144,12 @@ mod tests {
         std::fs::write(d.join(GENERATION_CONFIG), r#"{"fps": "fast"}"#).unwrap();
         let e = GenerationDefaults::load(&d).unwrap_err().to_string();
         assert!(e.contains("fps") && e.contains(GENERATION_CONFIG), "{e}");
+        std::fs::write(d.join(GENERATION_CONFIG), r#"{"guidance_rescale": 1.5}"#).unwrap();
+        let e = GenerationDefaults::load(&d).unwrap_err().to_string();
+        assert!(
+            e.contains("guidance_rescale") && e.contains("[0, 1]"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -19,6 +19,7 @@ pub mod image_to_video;
 pub mod text_to_video;
 pub mod video_to_video;
 
+pub use common::rescale_guidance;
 pub use defaults::{GenerationDefaults, GENERATION_CONFIG};
 
 pub use extend::{Direction, ExtendChunk, ExtendOutput, ExtendRequest};

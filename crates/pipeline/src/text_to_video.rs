@@ -71,6 +71,12 @@ pub struct GenerateRequest {
     /// drawn) take the conditional prediction alone and skip the unconditional forward
     /// (guidance in a limited interval, Kynkäänniemi et al. 2024). `None`: every step.
     pub guidance_max_timestep: Option<usize>,
+    /// φ of "Common Diffusion Noise Schedules and Sample Steps are Flawed" (Lin et al. 2024),
+    /// diffusers' `guidance_rescale`: each guided prediction is rescaled to the per-sample
+    /// standard deviation of the conditional one, and mixed φ : 1 − φ with the plain guided
+    /// prediction. It counters the over-saturation of strong guidance on zero-terminal-SNR
+    /// schedules. 0 (off) to 1.
+    pub guidance_rescale: f64,
     pub seed: u64,
     /// Initial noise `[B, F, C, h, w]`; drawn from `seed` when absent.
     pub latents: Option<Tensor>,
@@ -91,6 +97,7 @@ impl Default for GenerateRequest {
             guidance_scale: 6.0,
             use_dynamic_cfg: false,
             guidance_max_timestep: None,
+            guidance_rescale: 0.0,
             seed: 42,
             latents: None,
             scheduler_noise: None,
@@ -255,6 +262,12 @@ impl CogVideoXPipeline {
             return Err(Error::invalid(
                 "guidance_scale",
                 format!("must be a finite number >= 0, got {}", req.guidance_scale),
+            ));
+        }
+        if !(0.0..=1.0).contains(&req.guidance_rescale) {
+            return Err(Error::invalid(
+                "guidance_rescale",
+                format!("must be in [0, 1], got {}", req.guidance_rescale),
             ));
         }
         Ok((f, h, w))

@@ -255,3 +255,81 @@ fn guidance_applies_only_at_timesteps_up_to_guidance_max_timestep() {
     let d = vdit_core::testing::max_abs_diff(&cut_out, &full_out).unwrap();
     assert!(d > 1e-4, "the unguided steps changed nothing ({d})");
 }
+
+/// `guidance_rescale`: with φ > 0 the first step is the scheduler's step on `rescale_guidance` of
+/// the guided prediction (the wiring), and the run differs from φ = 0.
+#[test]
+fn guidance_rescale_steps_on_the_rescaled_prediction() {
+    let dir = fixture_dir("pipeline_2b_like");
+    let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
+    let mut pipe =
+        CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let latents = inputs["latents"].clone();
+    let mut run = |phi: f64| {
+        let req = GenerateRequest {
+            num_inference_steps: 4,
+            guidance_scale: 6.0,
+            guidance_rescale: phi,
+            latents: Some(latents.clone()),
+            output: OutputKind::Latent,
+            ..common::embeds_request(&inputs)
+        };
+        let mut first: Option<(usize, Tensor, Tensor)> = None;
+        let out = pipe
+            .generate(req, &mut |e| {
+                if let Event::Step {
+                    index: 0,
+                    timestep,
+                    model_output,
+                    latents,
+                    ..
+                } = e
+                {
+                    first = Some((timestep, model_output.clone(), latents.clone()));
+                }
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        (first.unwrap(), out.latents)
+    };
+    // phi = 0 (the default) is the plain run, which matches diffusers (run_case above).
+    let (_, plain) = run(0.0);
+    let ((t0, out0, lat0), rescaled) = run(0.7);
+    let b = out0.dim(0).unwrap() / 2;
+    let (u, c) = (out0.narrow(0, 0, b).unwrap(), out0.narrow(0, b, b).unwrap());
+    let guided = (&u + ((&c - &u).unwrap() * 6.0).unwrap()).unwrap();
+    let pred = vdit_pipeline::rescale_guidance(&guided, &c, 0.7).unwrap();
+    pipe.scheduler.set_timesteps(4).unwrap();
+    let x = (&latents * pipe.scheduler.init_noise_sigma()).unwrap();
+    let want = pipe
+        .scheduler
+        .step(&pred, t0, &x, &mut RecordedNoise::new(vec![]))
+        .unwrap();
+    assert_close("first step on the rescaled prediction", &lat0, &want, 1e-6);
+    let d = vdit_core::testing::max_abs_diff(&rescaled, &plain).unwrap();
+    assert!(d > 1e-4, "rescaling changed nothing ({d})");
+}
+
+/// A guidance_rescale outside [0, 1] is refused by name.
+#[test]
+fn guidance_rescale_out_of_range_is_named() {
+    let dir = fixture_dir("pipeline_2b_like");
+    let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
+    let mut pipe =
+        CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    for phi in [-0.1, 1.5, f64::NAN] {
+        let req = GenerateRequest {
+            guidance_rescale: phi,
+            output: OutputKind::Latent,
+            ..common::embeds_request(&inputs)
+        };
+        let err = match pipe.generate(req, &mut |_| ControlFlow::Continue(())) {
+            Ok(_) => panic!("guidance_rescale {phi} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("guidance_rescale") && err.contains("[0, 1]"),
+            "{err}"
+        );
+    }
+}

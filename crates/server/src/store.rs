@@ -401,6 +401,7 @@ mod tests {
             guidance_scale: 6.0,
             use_dynamic_cfg: false,
             guidance_max_timestep: None,
+            guidance_rescale: 0.0,
             seed: 7,
             fps: 8.0,
         }

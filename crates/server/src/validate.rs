@@ -17,6 +17,7 @@ pub const FIELDS: &[&str] = &[
     "guidance_scale",
     "use_dynamic_cfg",
     "guidance_max_timestep",
+    "guidance_rescale",
     "seed",
     "fps",
 ];
@@ -87,6 +88,7 @@ pub struct ModelInfo {
     pub default_guidance_scale: f64,
     pub default_use_dynamic_cfg: bool,
     pub default_guidance_max_timestep: Option<usize>,
+    pub default_guidance_rescale: f64,
     pub default_fps: f32,
     /// Transformer sizes, for the memory estimate.
     pub inner_dim: usize,
@@ -383,6 +385,11 @@ pub fn validate(
             ))
         }
     };
+    let guidance_rescale = f.num(
+        "guidance_rescale",
+        model.default_guidance_rescale,
+        Between(0.0, 1.0),
+    )?;
     let seed = get_uint(&obj, "seed")?.unwrap_or(seed);
     let fps = f.num("fps", model.default_fps.into(), AboveAtMost(0.0, 120.0))?;
     let params = Params {
@@ -395,6 +402,7 @@ pub fn validate(
         guidance_scale: guidance,
         use_dynamic_cfg,
         guidance_max_timestep,
+        guidance_rescale,
         seed,
         fps: fps as f32,
     };
@@ -433,6 +441,7 @@ mod tests {
             default_guidance_scale: 6.0,
             default_use_dynamic_cfg: false,
             default_guidance_max_timestep: None,
+            default_guidance_rescale: 0.0,
             default_fps: 8.0,
             inner_dim: 32,
             text_len: 16,
@@ -469,6 +478,7 @@ mod tests {
                 guidance_scale: 6.0,
                 use_dynamic_cfg: false,
                 guidance_max_timestep: None,
+                guidance_rescale: 0.0,
                 seed: 99,
                 fps: 8.0,
             }
@@ -476,7 +486,7 @@ mod tests {
         let p = check(
             r#"{"prompt": "x", "negative_prompt": null, "num_frames": 17, "height": 64, "width": 16,
                 "num_inference_steps": 7, "guidance_scale": 1, "seed": 5, "fps": 12.5,
-                "use_dynamic_cfg": true, "guidance_max_timestep": 800}"#,
+                "use_dynamic_cfg": true, "guidance_max_timestep": 800, "guidance_rescale": 0.7}"#,
         )
         .unwrap();
         assert_eq!(
@@ -486,6 +496,7 @@ mod tests {
         assert_eq!((p.guidance_scale, p.seed, p.fps), (1.0, 5, 12.5));
         assert!(p.use_dynamic_cfg);
         assert_eq!(p.guidance_max_timestep, Some(800));
+        assert_eq!(p.guidance_rescale, 0.7);
     }
 
     #[test]
@@ -517,6 +528,8 @@ mod tests {
             (r#""use_dynamic_cfg": 1"#, "true or false"),
             (r#""guidance_max_timestep": 1001"#, "at most 1000"),
             (r#""guidance_max_timestep": -3"#, "non-negative integer"),
+            (r#""guidance_rescale": 1.5"#, "between 0 and 1"),
+            (r#""guidance_rescale": "some""#, "must be a number"),
             (r#""output_path": "/etc/passwd""#, "unknown field"),
         ];
         let bodies = after_prompt.iter().map(|(fields, rule)| {

@@ -83,6 +83,7 @@ pub fn model_info(pipe: &CogVideoXPipeline) -> ModelInfo {
         default_guidance_scale: pipe.defaults.guidance_scale,
         default_use_dynamic_cfg: pipe.defaults.use_dynamic_cfg,
         default_guidance_max_timestep: pipe.defaults.guidance_max_timestep,
+        default_guidance_rescale: pipe.defaults.guidance_rescale,
         default_fps: pipe.defaults.fps,
         inner_dim: t.inner_dim(),
         text_len: t.max_text_seq_length,
@@ -288,6 +289,7 @@ fn generate(
         guidance_scale: p.guidance_scale,
         use_dynamic_cfg: p.use_dynamic_cfg,
         guidance_max_timestep: p.guidance_max_timestep,
+        guidance_rescale: p.guidance_rescale,
         seed: p.seed,
         ..GenerateRequest::default()
     };
