@@ -702,10 +702,13 @@ mod tests {
             "t2v",
             "t2v_contrast",
             "t2v_contrast2",
+            "t2v_contrast3",
+            "t2v_contrast4",
             "toy",
             "vae",
             "vae_decoder",
             "vae_decoder2",
+            "vae_decoder3",
         ] {
             assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
         }
