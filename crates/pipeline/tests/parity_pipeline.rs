@@ -2,6 +2,7 @@
 //! per-step transformer outputs and latents, final latents (1e-3) and frames (2e-3).
 
 use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use vdit_core::testing::{assert_close, fixture_dir, load_meta, load_tensors};
 use vdit_pipeline::{CogVideoXPipeline, Event, GenerateRequest, OutputKind, PromptInput};
@@ -99,6 +100,14 @@ fn run_case(case: &str) {
     );
 }
 
+/// The 2b-like fixture's inputs and its pipeline, loaded in f32 on the CPU.
+fn fixture_2b_like() -> (HashMap<String, Tensor>, CogVideoXPipeline) {
+    let dir = fixture_dir("pipeline_2b_like");
+    let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
+    let pipe = CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    (inputs, pipe)
+}
+
 #[test]
 fn pipeline_2b_like_matches_diffusers() {
     run_case("pipeline_2b_like");
@@ -111,10 +120,7 @@ fn pipeline_5b_like_matches_diffusers() {
 
 #[test]
 fn cancellation_stops_the_run() {
-    let dir = fixture_dir("pipeline_2b_like");
-    let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
-    let mut pipe =
-        CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let (inputs, mut pipe) = fixture_2b_like();
     let req = GenerateRequest {
         num_inference_steps: 4,
         ..common::embeds_request(&inputs)
@@ -135,10 +141,7 @@ fn cancellation_stops_the_run() {
 
 #[test]
 fn bad_sizes_are_rejected_by_name() {
-    let dir = fixture_dir("pipeline_2b_like");
-    let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
-    let mut pipe =
-        CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let (inputs, mut pipe) = fixture_2b_like();
     let base = || GenerateRequest {
         num_inference_steps: 2,
         ..common::embeds_request(&inputs)
@@ -220,10 +223,7 @@ fn bad_sizes_are_rejected_by_name() {
 /// timestep changes nothing.
 #[test]
 fn guidance_applies_only_at_timesteps_up_to_guidance_max_timestep() {
-    let dir = fixture_dir("pipeline_2b_like");
-    let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
-    let mut pipe =
-        CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let (inputs, mut pipe) = fixture_2b_like();
     let mut run = |max_t: Option<usize>, guidance: f64| {
         let req = GenerateRequest {
             num_inference_steps: 5,
@@ -260,10 +260,7 @@ fn guidance_applies_only_at_timesteps_up_to_guidance_max_timestep() {
 /// the guided prediction (the wiring), and the run differs from φ = 0.
 #[test]
 fn guidance_rescale_steps_on_the_rescaled_prediction() {
-    let dir = fixture_dir("pipeline_2b_like");
-    let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
-    let mut pipe =
-        CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let (inputs, mut pipe) = fixture_2b_like();
     let latents = inputs["latents"].clone();
     let mut run = |phi: f64| {
         let req = GenerateRequest {
@@ -313,10 +310,7 @@ fn guidance_rescale_steps_on_the_rescaled_prediction() {
 /// A guidance_rescale outside [0, 1] is refused by name.
 #[test]
 fn guidance_rescale_out_of_range_is_named() {
-    let dir = fixture_dir("pipeline_2b_like");
-    let inputs = load_tensors(&dir.join("inputs.safetensors")).unwrap();
-    let mut pipe =
-        CogVideoXPipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let (inputs, mut pipe) = fixture_2b_like();
     for phi in [-0.1, 1.5, f64::NAN] {
         let req = GenerateRequest {
             guidance_rescale: phi,
