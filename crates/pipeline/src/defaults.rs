@@ -91,7 +91,8 @@ impl GenerationDefaults {
     }
 }
 
-fn is_zero(x: &f64) -> bool {
+/// `skip_serializing_if` for settings whose 0 means off (here and in the server's stored jobs).
+pub fn is_zero(x: &f64) -> bool {
     *x == 0.0
 }
 

@@ -59,14 +59,10 @@ pub struct Params {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance_max_timestep: Option<usize>,
     /// Guidance rescale φ (0, and absent in jobs stored before the field existed: off).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "vdit_pipeline::defaults::is_zero")]
     pub guidance_rescale: f64,
     pub seed: u64,
     pub fps: f32,
-}
-
-fn is_zero(x: &f64) -> bool {
-    *x == 0.0
 }
 
 /// Why a job failed.

@@ -181,11 +181,7 @@ fn bad_datasets_give_clear_errors() {
 #[test]
 fn per_clip_scores_round_trip_and_show_the_scene() {
     let d = TempDir::new("clip-scores");
-    let opts = RenderOpts {
-        width: 64,
-        height: 64,
-        ..Default::default()
-    };
+    let opts = RenderOpts::default(); // 64x64, 17 frames
     let recs = export(&d.0, Split::ValIid, 12, 3, opts, ClipFormat::Png).unwrap();
     let clips = score_dir(&d.0).unwrap();
     let path = d.0.join("scores.jsonl");
