@@ -53,7 +53,10 @@
 //! contrast_weight = 0.0    # transformer stage: weight of the caption-contrast term
 //! contrast_margin = 0.2    # ... its margin on ln(err with another caption / err with its own)
 //! contrast_partners = "batch" # ... the other caption: "batch" (another clip's) or "edit" (one word changed)
-//! contrast_min_t = 0       # ... only for samples noised at a timestep >= this
+//! contrast_min_t = 0       # ... only for samples noised at a timestep >= this (both terms)
+//! word_contrast_weight = 0.0 # transformer stage: weight of a second contrast, with one word changed
+//! word_contrast_margin = 0.2 # ... its margin
+//! word_contrast_words = ["colour", "shape", "size", "direction", "speed"] # ... the words it changes
 //! [diffusion.scheduler]    # CogVideoXDDIMScheduler config (diffusers names); default CogVideoX-2b's
 //!
 //! [model]                  # stage-specific, read by the stage's builder (the toy: channels, pool)
@@ -299,6 +302,29 @@ pub enum ContrastPartners {
     Edit,
 }
 
+/// An attribute word of a caption that an edit may change (`diffusion.word_contrast_words`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptionWord {
+    Colour,
+    Shape,
+    Size,
+    /// left, right, up or down
+    Direction,
+    /// slowly or quickly
+    Speed,
+}
+
+impl CaptionWord {
+    pub const ALL: [CaptionWord; 5] = [
+        CaptionWord::Colour,
+        CaptionWord::Shape,
+        CaptionWord::Size,
+        CaptionWord::Direction,
+        CaptionWord::Speed,
+    ];
+}
+
 /// The diffusion objective (used by the toy and transformer stages).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -342,6 +368,19 @@ pub struct DiffusionConfig {
     /// little to what the video gives; above it the caption decides what is drawn. Default 0
     /// (every sample).
     pub contrast_min_t: usize,
+    /// Transformer stage: weight of a second caption-contrast term, beside `contrast_weight`'s
+    /// (either may be on alone): each sample is also predicted with its own caption with one
+    /// of `word_contrast_words` changed ([`crate::t2v_stage::edit_caption_of`]; the same
+    /// noise and timestep, one forward with the others), with `word_contrast_margin` as the
+    /// margin. With batch partners the margin can be met by the words the model already reads
+    /// (a colour, a place); limited to one attribute, the term is met only by reading that
+    /// word. Default 0 (off).
+    pub word_contrast_weight: f64,
+    /// The margin of `word_contrast_weight`'s term. Default 0.2.
+    pub word_contrast_margin: f64,
+    /// The attribute words `word_contrast_weight`'s term changes, one per sample, drawn among
+    /// those the caption states. Default all five.
+    pub word_contrast_words: Vec<CaptionWord>,
 }
 
 impl Default for DiffusionConfig {
@@ -356,6 +395,9 @@ impl Default for DiffusionConfig {
             contrast_margin: 0.2,
             contrast_partners: ContrastPartners::Batch,
             contrast_min_t: 0,
+            word_contrast_weight: 0.0,
+            word_contrast_margin: 0.2,
+            word_contrast_words: CaptionWord::ALL.to_vec(),
         }
     }
 }
@@ -489,6 +531,14 @@ impl TrainConfig {
         for (key, v) in [
             ("diffusion.contrast_weight", self.diffusion.contrast_weight),
             ("diffusion.contrast_margin", self.diffusion.contrast_margin),
+            (
+                "diffusion.word_contrast_weight",
+                self.diffusion.word_contrast_weight,
+            ),
+            (
+                "diffusion.word_contrast_margin",
+                self.diffusion.word_contrast_margin,
+            ),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return bad(key, format!("expected a number >= 0, found {v}"));
@@ -504,13 +554,31 @@ impl TrainConfig {
                     .to_string(),
             );
         }
-        if self.diffusion.contrast_weight > 0.0 && self.stage != Stage::Transformer {
+        for (key, w) in [
+            ("diffusion.contrast_weight", self.diffusion.contrast_weight),
+            (
+                "diffusion.word_contrast_weight",
+                self.diffusion.word_contrast_weight,
+            ),
+        ] {
+            if w > 0.0 && self.stage != Stage::Transformer {
+                return bad(
+                    key,
+                    format!(
+                        "only the transformer stage has captions to contrast; this is a {:?} run (set 0)",
+                        self.stage
+                    ),
+                );
+            }
+        }
+        if self.diffusion.word_contrast_weight > 0.0
+            && self.diffusion.word_contrast_words.is_empty()
+        {
             return bad(
-                "diffusion.contrast_weight",
-                format!(
-                    "only the transformer stage has captions to contrast; this is a {:?} run (set 0)",
-                    self.stage
-                ),
+                "diffusion.word_contrast_words",
+                "expected at least one of \"colour\", \"shape\", \"size\", \"direction\", \"speed\" \
+                 for the word-contrast term (word_contrast_weight > 0)"
+                    .to_string(),
             );
         }
         let o = &self.optim;
@@ -785,6 +853,54 @@ mod tests {
         );
         cfg.diffusion.contrast_weight = 0.1;
         cfg.validate(Path::new("c.toml")).unwrap();
+        // the word-contrast term: its weight, margin, stage and words
+        cfg.diffusion.word_contrast_margin = -1.0;
+        let e = err(&cfg);
+        assert!(
+            e.contains("diffusion.word_contrast_margin") && e.contains("-1"),
+            "{e}"
+        );
+        cfg.diffusion.word_contrast_margin = 0.5;
+        cfg.diffusion.word_contrast_weight = 0.2;
+        cfg.stage = Stage::Toy;
+        cfg.diffusion.contrast_weight = 0.0;
+        cfg.diffusion.contrast_partners = ContrastPartners::Batch;
+        let e = err(&cfg);
+        assert!(
+            e.contains("diffusion.word_contrast_weight") && e.contains("Toy"),
+            "{e}"
+        );
+        cfg.stage = Stage::Transformer;
+        cfg.diffusion.word_contrast_words.clear();
+        let e = err(&cfg);
+        assert!(
+            e.contains("diffusion.word_contrast_words") && e.contains("\"shape\""),
+            "{e}"
+        );
+        let words = TrainConfig::from_toml(
+            Path::new("w.toml"),
+            "stage = \"transformer\"\n[diffusion]\nword_contrast_weight = 0.2\n\
+             word_contrast_words = [\"shape\", \"direction\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            words.diffusion.word_contrast_words,
+            [CaptionWord::Shape, CaptionWord::Direction]
+        );
+        words.validate(Path::new("w.toml")).unwrap();
+        let bad_word = TrainConfig::from_toml(
+            Path::new("h.toml"),
+            "[diffusion]\nword_contrast_words = [\"hue\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad_word.contains("h.toml")
+                && bad_word.contains("word_contrast_words")
+                && bad_word.contains("hue")
+                && bad_word.contains("shape"),
+            "{bad_word}"
+        );
     }
 
     #[test]

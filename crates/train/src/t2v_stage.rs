@@ -13,7 +13,9 @@
 //! [`crate::data::latent_object_weights`]); with `diffusion.contrast_weight` > 0 each sample is
 //! also predicted with a wrong caption — a partner's (same background, see
 //! [`contrast_partners`]) or its own with one object word changed ([`edit_caption`]) — and
-//! [`caption_contrast`] asks the wrong caption to do worse at the objects.
+//! [`caption_contrast`] asks the wrong caption to do worse at the objects; with
+//! `diffusion.word_contrast_weight` > 0 a second such term takes the sample's own caption with
+//! one word of `diffusion.word_contrast_words` changed ([`edit_caption_of`]), in the same forward.
 //!
 //! Frozen-VAE cache: when `data.num_clips` is finite the clips repeat, so the posterior
 //! `(mean, logvar)` of each (bucket, clip) is kept after its first encoding (the sample is
@@ -45,7 +47,7 @@
 //! ```
 
 use crate::cogvideox_train::TrainCogVideoX;
-use crate::config::{ContrastPartners, LossWeighting, TrainConfig};
+use crate::config::{CaptionWord, ContrastPartners, LossWeighting, TrainConfig};
 use crate::data::{latent_object_mask, object_weights_from_mask, Batch};
 use crate::init::{default_rule, SeededVarMap};
 use crate::objective::{diffusion_loss, posterior_sample, sample_noised};
@@ -508,6 +510,17 @@ pub fn contrast_partners(prompts: &[&str], backgrounds: &[[u8; 3]]) -> Vec<Optio
 /// the caption states, then one of its words, then the new value. `None` for a caption without
 /// such a word (a dropped caption).
 pub fn edit_caption(caption: &str, rng: &mut impl Rng) -> Option<String> {
+    edit_caption_of(caption, &CaptionWord::ALL, rng)
+}
+
+/// [`edit_caption`] limited to the attributes in `words` (`diffusion.word_contrast_words`):
+/// the attribute is drawn among those of `words` the caption states. `None` when it states
+/// none of them.
+pub fn edit_caption_of(
+    caption: &str,
+    attributes: &[CaptionWord],
+    rng: &mut impl Rng,
+) -> Option<String> {
     use vdit_world::{Colour, Motion, Shape, Size, Speed};
     let colours: Vec<&str> = Colour::ALL.iter().map(|c| c.name()).collect();
     let shapes: Vec<&str> = Shape::ALL.iter().map(|c| c.name()).collect();
@@ -519,11 +532,13 @@ pub fn edit_caption(caption: &str, rng: &mut impl Rng) -> Option<String> {
         .collect();
     let speeds: Vec<&str> = Speed::ALL.iter().map(|s| s.adverb()).collect();
     let classes = [colours, shapes, sizes, directions, speeds];
+    let allowed = |c: usize| attributes.contains(&CaptionWord::ALL[c]);
     let mut words: Vec<String> = caption.split_whitespace().map(str::to_string).collect();
-    // (class, positions of its words in the caption) for the classes the caption states
+    // (class, positions of its words in the caption) for the allowed classes the caption states
     let present: Vec<(usize, Vec<usize>)> = classes
         .iter()
         .enumerate()
+        .filter(|(c, _)| allowed(*c))
         .map(|(c, values)| {
             let at = (0..words.len())
                 .filter(|&i| values.contains(&words[i].as_str()))
@@ -548,6 +563,47 @@ pub fn edit_caption(caption: &str, rng: &mut impl Rng) -> Option<String> {
         words[i - 1] = vdit_world::caption::article(new).to_string();
     }
     Some(words.join(" "))
+}
+
+/// One caption-contrast term of a step: the samples in it (`idx`, those with a wrong caption
+/// and noised at a timestep ≥ `contrast_min_t`), the wrong captions' encodings for the whole
+/// batch, and the term's weight and margin.
+struct ContrastTerm {
+    name: &'static str,
+    weight: f64,
+    margin: f64,
+    wrong_text: Tensor,
+    idx: Tensor,
+}
+
+impl ContrastTerm {
+    /// `None` when no sample is in the term this step.
+    fn new(
+        name: &'static str,
+        weight: f64,
+        margin: f64,
+        wrong_text: Tensor,
+        valid: &[bool],
+        timesteps: &[usize],
+        min_t: usize,
+    ) -> Result<Option<Self>> {
+        let idx: Vec<u32> = (0..valid.len())
+            .filter(|&i| valid[i] && timesteps[i] >= min_t)
+            .map(|i| i as u32)
+            .collect();
+        if idx.is_empty() {
+            return Ok(None);
+        }
+        let n = idx.len();
+        let idx = Tensor::from_vec(idx, n, wrong_text.device())?;
+        Ok(Some(Self {
+            name,
+            weight,
+            margin,
+            wrong_text,
+            idx,
+        }))
+    }
 }
 
 /// The caption-contrast term (see `diffusion.contrast_weight`): for each sample i with
@@ -645,6 +701,29 @@ fn write(path: &Path, text: &str) -> Result<()> {
 
 impl TextToVideoStage {
     /// The T5 embeddings of `prompts`; cut from the graph when the text encoder is frozen.
+    /// The encodings of `prompts` each with one of `attributes` changed ([`edit_caption_of`]),
+    /// and which of them were edited (a caption stating none of them keeps its own, unused).
+    fn edited_text(
+        &self,
+        prompts: &[&str],
+        attributes: &[CaptionWord],
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(Tensor, Vec<bool>)> {
+        let edited: Vec<Option<String>> = prompts
+            .iter()
+            .map(|p| edit_caption_of(p, attributes, rng))
+            .collect();
+        let wrong_prompts: Vec<&str> = edited
+            .iter()
+            .zip(prompts)
+            .map(|(e, p)| e.as_deref().unwrap_or(p))
+            .collect();
+        Ok((
+            self.encode_text(&wrong_prompts)?,
+            edited.iter().map(Option::is_some).collect(),
+        ))
+    }
+
     fn encode_text(&self, prompts: &[&str]) -> Result<Tensor> {
         let text = self.t5.forward(&self.tokenize(prompts)?)?;
         Ok(if self.cfg.freeze_text_encoder {
@@ -709,13 +788,14 @@ impl Trainable for TextToVideoStage {
         };
         let dc = &self.train_cfg.diffusion;
         let rope = rope.as_ref().map(|(c, s)| (c, s));
-        // With the caption contrast, one forward of 2B: the batch with its own captions, then
-        // each sample with a wrong caption: its partner's (see `contrast_partners`) or its own
-        // with one word changed (see `edit_caption`).
-        let wrong: Option<(Tensor, Vec<bool>)> = if dc.contrast_weight <= 0.0 {
-            None
-        } else {
-            match dc.contrast_partners {
+        // The caption-contrast terms: each sample is also predicted with a wrong caption — its
+        // partner's (see `contrast_partners`) or its own with one word changed (see
+        // `edit_caption`) for `contrast_weight`'s term, its own with one of
+        // `word_contrast_words` changed for `word_contrast_weight`'s — in one forward with the
+        // batch's own captions (B + the contrasted samples of each term).
+        let mut terms: Vec<ContrastTerm> = Vec::new();
+        if dc.contrast_weight > 0.0 {
+            let (wrong_text, valid) = match dc.contrast_partners {
                 ContrastPartners::Batch => {
                     let partners = contrast_partners(&prompts, &batch.backgrounds);
                     let idx: Vec<u32> = partners
@@ -725,53 +805,62 @@ impl Trainable for TextToVideoStage {
                         .collect();
                     let idx = Tensor::from_vec(idx, b, &self.device)?;
                     let valid: Vec<bool> = partners.iter().map(Option::is_some).collect();
-                    Some((text.index_select(&idx, 0)?, valid))
+                    (text.index_select(&idx, 0)?, valid)
                 }
-                ContrastPartners::Edit => {
-                    let edited: Vec<Option<String>> =
-                        prompts.iter().map(|p| edit_caption(p, rng)).collect();
-                    let wrong_prompts: Vec<&str> = edited
-                        .iter()
-                        .zip(&prompts)
-                        .map(|(e, p)| e.as_deref().unwrap_or(p))
-                        .collect();
-                    let wrong_text = self.encode_text(&wrong_prompts)?;
-                    Some((wrong_text, edited.iter().map(Option::is_some).collect()))
-                }
-            }
+                ContrastPartners::Edit => self.edited_text(&prompts, &CaptionWord::ALL, rng)?,
+            };
+            terms.extend(ContrastTerm::new(
+                "contrast",
+                dc.contrast_weight,
+                dc.contrast_margin,
+                wrong_text,
+                &valid,
+                &nb.timesteps,
+                dc.contrast_min_t,
+            )?);
         }
-        .map(|(wrong_text, valid)| {
-            let valid: Vec<bool> = valid
-                .iter()
-                .zip(&nb.timesteps)
-                .map(|(v, &t)| *v && t >= dc.contrast_min_t)
-                .collect();
-            (wrong_text, valid)
-        })
-        .filter(|(_, valid)| valid.iter().any(|v| *v));
-        // Only the samples in the contrast are predicted again: one forward of B + n.
-        let contrasted: Option<Tensor> = match &wrong {
-            Some((_, valid)) => {
-                let idx: Vec<u32> = (0..b as u32).filter(|&i| valid[i as usize]).collect();
-                let n = idx.len();
-                Some(Tensor::from_vec(idx, n, &self.device)?)
+        if dc.word_contrast_weight > 0.0 {
+            let (wrong_text, valid) = self.edited_text(&prompts, &dc.word_contrast_words, rng)?;
+            terms.extend(ContrastTerm::new(
+                "word_contrast",
+                dc.word_contrast_weight,
+                dc.word_contrast_margin,
+                wrong_text,
+                &valid,
+                &nb.timesteps,
+                dc.contrast_min_t,
+            )?);
+        }
+        let (pred, preds_wrong) = if terms.is_empty() {
+            (
+                self.transformer.forward(&nb.noisy, &text, &t, rope)?,
+                vec![],
+            )
+        } else {
+            let (mut xs, mut texts, mut ts) =
+                (vec![nb.noisy.clone()], vec![text.clone()], vec![t.clone()]);
+            for term in &terms {
+                xs.push(nb.noisy.index_select(&term.idx, 0)?);
+                texts.push(term.wrong_text.index_select(&term.idx, 0)?);
+                ts.push(t.index_select(&term.idx, 0)?);
             }
-            None => None,
-        };
-        let (pred, pred_wrong) = if let (Some((wrong_text, _)), Some(idx)) = (&wrong, &contrasted) {
-            let n = idx.dim(0)?;
-            let both = self.transformer.forward(
-                &Tensor::cat(&[&nb.noisy, &nb.noisy.index_select(idx, 0)?], 0)?,
-                &Tensor::cat(&[&text, &wrong_text.index_select(idx, 0)?], 0)?,
-                &Tensor::cat(&[&t, &t.index_select(idx, 0)?], 0)?,
+            let all = self.transformer.forward(
+                &Tensor::cat(&xs, 0)?,
+                &Tensor::cat(&texts, 0)?,
+                &Tensor::cat(&ts, 0)?,
                 rope,
             )?;
-            (both.narrow(0, 0, b)?, Some(both.narrow(0, b, n)?))
-        } else {
-            (self.transformer.forward(&nb.noisy, &text, &t, rope)?, None)
+            let mut start = b;
+            let mut wrong = Vec::with_capacity(terms.len());
+            for term in &terms {
+                let n = term.idx.dim(0)?;
+                wrong.push(all.narrow(0, start, n)?);
+                start += n;
+            }
+            (all.narrow(0, 0, b)?, wrong)
         };
         // The object cells (0/1), found once from the pixels: for the weighting and the contrast.
-        let mask = if dc.object_weight > 0.0 || pred_wrong.is_some() {
+        let mask = if dc.object_weight > 0.0 || !terms.is_empty() {
             Some(latent_object_mask(
                 &batch.pixels,
                 &batch.backgrounds,
@@ -803,19 +892,21 @@ impl Trainable for TextToVideoStage {
         let mut loss =
             diffusion_loss(&self.sched, &pred, &nb, &x0, dc.weighting, weights.as_ref())?;
         let mut metrics = vec![("uncond".to_string(), dropped as f64 / b.max(1) as f64)];
-        if let (Some(pred_wrong), Some(mask), Some(idx)) = (pred_wrong, &mask, &contrasted) {
-            let n = idx.dim(0)?;
-            let (term, log_ratio) = caption_contrast(
-                &pred.index_select(idx, 0)?,
-                &pred_wrong,
-                &nb.target.index_select(idx, 0)?,
-                &mask.index_select(idx, 0)?,
-                &vec![true; n],
-                dc.contrast_margin,
-            )?;
-            loss = (loss + (term * dc.contrast_weight)?)?;
-            if let Some(r) = log_ratio {
-                metrics.push(("contrast".into(), r));
+        if let Some(mask) = &mask {
+            for (term, pred_wrong) in terms.iter().zip(&preds_wrong) {
+                let n = term.idx.dim(0)?;
+                let (value, log_ratio) = caption_contrast(
+                    &pred.index_select(&term.idx, 0)?,
+                    pred_wrong,
+                    &nb.target.index_select(&term.idx, 0)?,
+                    &mask.index_select(&term.idx, 0)?,
+                    &vec![true; n],
+                    term.margin,
+                )?;
+                loss = (loss + (value * term.weight)?)?;
+                if let Some(r) = log_ratio {
+                    metrics.push((term.name.to_string(), r));
+                }
             }
         }
         let mut out = LossOutput::new(loss);

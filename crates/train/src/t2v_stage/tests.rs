@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::{ContrastPartners, Stage};
+use crate::config::{CaptionWord, ContrastPartners, Stage};
 use crate::data::{batches_for_step, latent_object_weights, step_rng, Bucket};
 use crate::gradcheck::assert_all_vars_get_grads;
 use crate::trainer::{export_dir, train, Control};
@@ -731,27 +731,57 @@ fn caption_contrast_by_hand_and_its_gradient() {
 /// the batch's own captions and with its partners' captions, from the same draws.
 #[test]
 fn caption_contrast_adds_the_partner_caption_term() {
-    contrast_term_equals_the_one_by_hand(ContrastPartners::Batch, false);
+    contrast_term_equals_the_one_by_hand(ContrastPartners::Batch, false, None);
 }
 
 /// With `contrast_min_t`, only the samples noised at or above it are in the term (and only
 /// they are predicted with the wrong caption).
 #[test]
 fn caption_contrast_takes_only_the_samples_from_contrast_min_t() {
-    contrast_term_equals_the_one_by_hand(ContrastPartners::Edit, true);
+    contrast_term_equals_the_one_by_hand(ContrastPartners::Edit, true, None);
 }
 
 /// The same with `contrast_partners = "edit"`: the wrong captions are the batch's own with one
 /// word changed, drawn after the noise.
 #[test]
 fn caption_contrast_adds_the_edited_caption_term() {
-    contrast_term_equals_the_one_by_hand(ContrastPartners::Edit, false);
+    contrast_term_equals_the_one_by_hand(ContrastPartners::Edit, false, None);
+}
+
+/// `diffusion.word_contrast_weight` adds a second term, beside the batch partners', against the
+/// sample's own caption with its shape word changed (drawn after the noise), in the same
+/// forward; each term is logged under its own name.
+#[test]
+fn word_contrast_adds_the_shape_edited_term_beside_the_partners() {
+    contrast_term_equals_the_one_by_hand(
+        ContrastPartners::Batch,
+        false,
+        Some(&[CaptionWord::Shape]),
+    );
+}
+
+/// The same with `contrast_min_t`: it leaves samples out of both terms.
+#[test]
+fn word_contrast_takes_only_the_samples_from_contrast_min_t() {
+    contrast_term_equals_the_one_by_hand(
+        ContrastPartners::Edit,
+        true,
+        Some(&[CaptionWord::Direction, CaptionWord::Size]),
+    );
 }
 
 /// The loss with the contrast against the same draws by hand. With `from_max_t`,
 /// `contrast_min_t` is set to the largest timestep drawn, so that some samples are left out.
-fn contrast_term_equals_the_one_by_hand(mode: ContrastPartners, from_max_t: bool) {
-    let root = tmp(&format!("contrast-{mode:?}-{from_max_t}"));
+/// With `word`, the word-contrast term too (weight 0.4, margin 0.25, those attributes).
+fn contrast_term_equals_the_one_by_hand(
+    mode: ContrastPartners,
+    from_max_t: bool,
+    word: Option<&[CaptionWord]>,
+) {
+    let root = tmp(&format!(
+        "contrast-{mode:?}-{from_max_t}-{}",
+        word.is_some()
+    ));
     let vae = root.join("vae");
     tiny_vae(&vae);
     let dev = Device::Cpu;
@@ -762,6 +792,11 @@ fn contrast_term_equals_the_one_by_hand(mode: ContrastPartners, from_max_t: bool
     cfg.diffusion.contrast_margin = 0.3;
     cfg.diffusion.contrast_partners = mode;
     cfg.diffusion.object_dilate = 0;
+    if let Some(words) = word {
+        cfg.diffusion.word_contrast_weight = 0.4;
+        cfg.diffusion.word_contrast_margin = 0.25;
+        cfg.diffusion.word_contrast_words = words.to_vec();
+    }
     let stage = TextToVideoStage::new(&cfg, &dev).unwrap();
     perturb(&stage);
     // The first step whose batch has two clips on one background (a pair to contrast).
@@ -801,7 +836,33 @@ fn contrast_term_equals_the_one_by_hand(mode: ContrastPartners, from_max_t: bool
             })
             .unzip(),
     };
+    // the word term's edits, drawn after the partners'; every caption here states a shape,
+    // a size and a direction or is still (no direction)
+    let (word_prompts, word_valid): (Vec<String>, Vec<bool>) = match word {
+        None => (vec![], vec![]),
+        Some(words) => prompts
+            .iter()
+            .map(|p| match edit_caption_of(p, words, &mut rng) {
+                Some(e) => {
+                    let changed: Vec<(&str, &str)> = p
+                        .split_whitespace()
+                        .zip(e.split_whitespace())
+                        .filter(|(a, b)| a != b && !matches!(*a, "a" | "an"))
+                        .collect();
+                    assert_eq!(changed.len(), 1, "{p} -> {e}");
+                    let class = word_class(changed[0].0).unwrap();
+                    assert!(words.contains(&class), "{p} -> {e}");
+                    (e, true)
+                }
+                None => (p.to_string(), false),
+            })
+            .unzip(),
+    };
+    if word.is_some() {
+        assert!(word_valid.iter().any(|v| *v), "{prompts:?}");
+    }
     let mut valid = valid;
+    let mut word_valid = word_valid;
     let stage = if from_max_t {
         let max_t = *nb.timesteps.iter().max().unwrap();
         let left_out = (0..valid.len())
@@ -809,6 +870,9 @@ fn contrast_term_equals_the_one_by_hand(mode: ContrastPartners, from_max_t: bool
             .count();
         assert!(left_out > 0, "{:?}", nb.timesteps);
         for (v, &t) in valid.iter_mut().zip(&nb.timesteps) {
+            *v &= t >= max_t;
+        }
+        for (v, &t) in word_valid.iter_mut().zip(&nb.timesteps) {
             *v &= t >= max_t;
         }
         cfg.diffusion.contrast_min_t = max_t;
@@ -843,14 +907,95 @@ fn contrast_term_equals_the_one_by_hand(mode: ContrastPartners, from_max_t: bool
         term > 0.0,
         "the hinge should be active (captions barely move a perturbed model): {term}"
     );
-    let want = plain + 0.5 * term;
+    let mut want = plain + 0.5 * term;
+    let logged = |name: &str| out.metrics.iter().find(|(k, _)| k == name).map(|m| m.1);
+    if word.is_some() {
+        let word_prompts: Vec<&str> = word_prompts.iter().map(String::as_str).collect();
+        let word_wrong = fwd(&encode(&word_prompts));
+        let (word_term, word_ratio) =
+            caption_contrast(&own, &word_wrong, &nb.target, &mask, &word_valid, 0.25).unwrap();
+        let word_term = word_term.to_scalar::<f32>().unwrap();
+        assert!(word_term > 0.0, "{word_term}");
+        want += 0.4 * word_term;
+        let l = logged("word_contrast").unwrap();
+        assert!(
+            (l - word_ratio.unwrap()).abs() < 1e-4,
+            "{l} vs {word_ratio:?}"
+        );
+    } else {
+        assert_eq!(logged("word_contrast"), None);
+    }
     assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
-    let logged = out.metrics.iter().find(|(k, _)| k == "contrast").unwrap().1;
-    assert!(
-        (logged - ratio.unwrap()).abs() < 1e-4,
-        "{logged} vs {ratio:?}"
-    );
+    let l = logged("contrast").unwrap();
+    assert!((l - ratio.unwrap()).abs() < 1e-4, "{l} vs {ratio:?}");
     std::fs::remove_dir_all(&root).ok();
+}
+
+/// The attribute a caption word names, if any.
+fn word_class(w: &str) -> Option<CaptionWord> {
+    use vdit_world::{Colour, Shape, Size};
+    let named = |names: Vec<&str>| names.contains(&w);
+    let classes = [
+        named(Colour::ALL.iter().map(|c| c.name()).collect()),
+        named(Shape::ALL.iter().map(|c| c.name()).collect()),
+        named(Size::ALL.iter().map(|c| c.name()).collect()),
+        named(["left", "right", "up", "down"].into()),
+        named(["slowly", "quickly"].into()),
+    ];
+    classes.iter().position(|x| *x).map(|i| CaptionWord::ALL[i])
+}
+
+/// Limited to some attributes, an edit changes a word of one of them, drawn among those the
+/// caption states; a caption stating none of them has no edit.
+#[test]
+fn edit_caption_of_changes_only_the_listed_attributes() {
+    let mut rng = step_rng(4, "edit", 0);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut none = 0;
+    for i in 0..300 {
+        let (_, cap) = vdit_world::sample_clip(
+            vdit_world::Split::Train,
+            0,
+            i,
+            vdit_world::scene::DEFAULT_DURATION,
+        );
+        for words in [
+            &[CaptionWord::Shape][..],
+            &[CaptionWord::Direction, CaptionWord::Speed][..],
+        ] {
+            match edit_caption_of(&cap, words, &mut rng) {
+                Some(e) => {
+                    let changed: Vec<CaptionWord> = cap
+                        .split_whitespace()
+                        .zip(e.split_whitespace())
+                        .filter(|(a, b)| a != b && !matches!(*a, "a" | "an"))
+                        .map(|(a, b)| {
+                            assert_eq!(word_class(a), word_class(b), "{cap} -> {e}");
+                            word_class(a).unwrap()
+                        })
+                        .collect();
+                    assert_eq!(changed.len(), 1, "{cap} -> {e}");
+                    assert!(words.contains(&changed[0]), "{words:?}: {cap} -> {e}");
+                    seen.insert(format!("{:?}", changed[0]));
+                }
+                None => {
+                    // every caption names a shape; some state no motion
+                    assert_eq!(words.len(), 2, "{cap}");
+                    assert!(
+                        cap.split_whitespace()
+                            .all(|w| !matches!(word_class(w), Some(c) if words.contains(&c))),
+                        "{cap}"
+                    );
+                    none += 1;
+                }
+            }
+        }
+    }
+    assert!(none > 0, "some train captions are still");
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["Direction", "Shape", "Speed"]
+    );
 }
 
 /// An edited caption differs from the caption in one object word (colour, shape, size,
@@ -860,18 +1005,8 @@ fn contrast_term_equals_the_one_by_hand(mode: ContrastPartners, from_max_t: bool
 #[test]
 fn edit_caption_changes_one_object_word() {
     use vdit_world::{Colour, Shape, Size};
-    let class_of = |w: &str| -> Option<usize> {
-        let named = |names: Vec<&str>| names.contains(&w);
-        [
-            named(Colour::ALL.iter().map(|c| c.name()).collect()),
-            named(Shape::ALL.iter().map(|c| c.name()).collect()),
-            named(Size::ALL.iter().map(|c| c.name()).collect()),
-            named(["left", "right", "up", "down"].into()),
-            named(["slowly", "quickly"].into()),
-        ]
-        .iter()
-        .position(|x| *x)
-    };
+    let class_of =
+        |w: &str| word_class(w).map(|c| CaptionWord::ALL.iter().position(|x| *x == c).unwrap());
     let vocab = world_vocabulary();
     let articles_agree = |words: &[&str]| {
         words.windows(2).all(|p| match p[0] {
