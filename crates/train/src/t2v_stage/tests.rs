@@ -1004,7 +1004,6 @@ fn edit_caption_of_changes_only_the_listed_attributes() {
 /// Over the world's captions every attribute gets edited.
 #[test]
 fn edit_caption_changes_one_object_word() {
-    use vdit_world::{Colour, Shape, Size};
     let class_of =
         |w: &str| word_class(w).map(|c| CaptionWord::ALL.iter().position(|x| *x == c).unwrap());
     let vocab = world_vocabulary();
