@@ -57,6 +57,7 @@
 //! word_contrast_weight = 0.0 # transformer stage: weight of a second contrast, with one word changed
 //! word_contrast_margin = 0.2 # ... its margin
 //! word_contrast_words = ["colour", "shape", "size", "direction", "speed"] # ... the words it changes
+//! timestep_bias = { begin = 0, end = 300, multiplier = 2.0 } # transformer stage: timesteps in begin..end drawn 2x as often (default: uniform)
 //! [diffusion.scheduler]    # CogVideoXDDIMScheduler config (diffusers names); default CogVideoX-2b's
 //!
 //! [model]                  # stage-specific, read by the stage's builder (the toy: channels, pool)
@@ -381,6 +382,22 @@ pub struct DiffusionConfig {
     /// The attribute words `word_contrast_weight`'s term changes, one per sample, drawn among
     /// those the caption states. Default all five.
     pub word_contrast_words: Vec<CaptionWord>,
+    /// Transformer stage: draw timesteps in `begin..end` `multiplier` times as often as the
+    /// others (diffusers' `timestep_bias_strategy = "range"`), e.g. to train the low noise
+    /// levels, where detail is drawn, more. Default none (uniform).
+    pub timestep_bias: Option<TimestepBias>,
+}
+
+/// `diffusion.timestep_bias`: `{ begin = 0, end = 300, multiplier = 2.0 }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimestepBias {
+    /// First timestep of the range.
+    pub begin: usize,
+    /// One past its last.
+    pub end: usize,
+    /// How much likelier each timestep in the range is, > 0.
+    pub multiplier: f64,
 }
 
 impl Default for DiffusionConfig {
@@ -398,6 +415,7 @@ impl Default for DiffusionConfig {
             word_contrast_weight: 0.0,
             word_contrast_margin: 0.2,
             word_contrast_words: CaptionWord::ALL.to_vec(),
+            timestep_bias: None,
         }
     }
 }
@@ -566,6 +584,33 @@ impl TrainConfig {
                     key,
                     format!(
                         "only the transformer stage has captions to contrast; this is a {:?} run (set 0)",
+                        self.stage
+                    ),
+                );
+            }
+        }
+        if let Some(tb) = &self.diffusion.timestep_bias {
+            let n = self.diffusion.scheduler.num_train_timesteps;
+            if !(tb.begin < tb.end && tb.end <= n) {
+                return bad(
+                    "diffusion.timestep_bias",
+                    format!(
+                        "expected begin < end <= {n} (the schedule's timesteps), found begin {} end {}",
+                        tb.begin, tb.end
+                    ),
+                );
+            }
+            if !(tb.multiplier.is_finite() && tb.multiplier > 0.0) {
+                return bad(
+                    "diffusion.timestep_bias.multiplier",
+                    format!("expected a number > 0, found {}", tb.multiplier),
+                );
+            }
+            if self.stage != Stage::Transformer {
+                return bad(
+                    "diffusion.timestep_bias",
+                    format!(
+                        "only the transformer stage reads it; this is a {:?} run",
                         self.stage
                     ),
                 );
@@ -877,6 +922,37 @@ mod tests {
             e.contains("diffusion.word_contrast_words") && e.contains("\"shape\""),
             "{e}"
         );
+        // the timestep bias: a range within the schedule, a positive multiplier
+        cfg.diffusion.word_contrast_words = vec![CaptionWord::Shape];
+        cfg.validate(Path::new("c.toml")).unwrap();
+        for (begin, end, m, key) in [
+            (300, 300, 2.0, "diffusion.timestep_bias"),
+            (0, 1001, 2.0, "diffusion.timestep_bias"),
+            (0, 300, 0.0, "diffusion.timestep_bias.multiplier"),
+        ] {
+            cfg.diffusion.timestep_bias = Some(TimestepBias {
+                begin,
+                end,
+                multiplier: m,
+            });
+            let e = err(&cfg);
+            assert!(e.contains(key) && e.contains("expected"), "{e}");
+        }
+        cfg.diffusion.timestep_bias = Some(TimestepBias {
+            begin: 0,
+            end: 300,
+            multiplier: 3.0,
+        });
+        cfg.validate(Path::new("c.toml")).unwrap();
+        cfg.stage = Stage::Vae;
+        cfg.diffusion.word_contrast_weight = 0.0;
+        cfg.diffusion.contrast_weight = 0.0;
+        let e = err(&cfg);
+        assert!(
+            e.contains("diffusion.timestep_bias") && e.contains("Vae"),
+            "{e}"
+        );
+        cfg.stage = Stage::Transformer;
         let words = TrainConfig::from_toml(
             Path::new("w.toml"),
             "stage = \"transformer\"\n[diffusion]\nword_contrast_weight = 0.2\n\

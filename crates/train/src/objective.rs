@@ -9,7 +9,7 @@
 //! weighted by 1/(1−ᾱ_t) — which for v-prediction equals the v MSE in exact arithmetic
 //! (x̂₀ − x₀ = −√(1−ᾱ_t)(v̂ − v)).
 
-use crate::config::LossWeighting;
+use crate::config::{LossWeighting, TimestepBias};
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -43,14 +43,55 @@ pub fn sample_timesteps<R: Rng + ?Sized>(n: usize, num_train: usize, rng: &mut R
     (0..n).map(|_| rng.random_range(0..num_train)).collect()
 }
 
+/// `n` timesteps in `0..num_train` where each timestep in `bias.begin..bias.end` is
+/// `bias.multiplier` times as likely as the others (diffusers' `--timestep_bias_strategy
+/// range`); one uniform draw per timestep.
+pub fn sample_timesteps_biased<R: Rng + ?Sized>(
+    n: usize,
+    num_train: usize,
+    bias: &TimestepBias,
+    rng: &mut R,
+) -> Vec<usize> {
+    let (begin, end) = (bias.begin.min(num_train), bias.end.min(num_train));
+    let boosted = (end.saturating_sub(begin)) as f64 * bias.multiplier;
+    let total = (num_train - (end.saturating_sub(begin))) as f64 + boosted;
+    (0..n)
+        .map(|_| {
+            let u = rng.random::<f64>() * total;
+            let t = if u < begin as f64 {
+                u as usize
+            } else if u < begin as f64 + boosted {
+                begin + ((u - begin as f64) / bias.multiplier) as usize
+            } else {
+                end + (u - begin as f64 - boosted) as usize
+            };
+            t.min(num_train - 1)
+        })
+        .collect()
+}
+
 /// Draws timesteps and noise from `rng`, then [`noise_batch`].
 pub fn sample_noised<R: Rng + ?Sized>(
     sched: &dyn Scheduler,
     x0: &Tensor,
     rng: &mut R,
 ) -> Result<Noised> {
+    sample_noised_biased(sched, x0, None, rng)
+}
+
+/// [`sample_noised`] with the timesteps drawn by [`sample_timesteps_biased`] when `bias` is
+/// given (`diffusion.timestep_bias`).
+pub fn sample_noised_biased<R: Rng + ?Sized>(
+    sched: &dyn Scheduler,
+    x0: &Tensor,
+    bias: Option<&TimestepBias>,
+    rng: &mut R,
+) -> Result<Noised> {
     let b = x0.dim(0)?;
-    let timesteps = sample_timesteps(b, sched.num_train_timesteps(), rng);
+    let timesteps = match bias {
+        None => sample_timesteps(b, sched.num_train_timesteps(), rng),
+        Some(bias) => sample_timesteps_biased(b, sched.num_train_timesteps(), bias, rng),
+    };
     let noise = randn(x0.dims(), rng, x0.device())?.to_dtype(x0.dtype())?;
     noise_batch(sched, x0, &noise, &timesteps)
 }
@@ -295,6 +336,53 @@ mod tests {
         assert!((loss - 1.328125).abs() < 1e-7);
         let mse = per_sample_mse(&x0.zeros_like().unwrap(), &nb.target).unwrap();
         assert_eq!(mse, vec![0.625, 2.03125]);
+    }
+
+    /// Timesteps in the biased range come `multiplier` times as often as the others, each
+    /// range uniform within; the ends of the schedule are reached; without a bias the draws
+    /// are the unbiased sampler's, so runs without the key reproduce.
+    #[test]
+    fn biased_timesteps_follow_the_multiplier() {
+        let mut rng = crate::data::step_rng(0, "loss", 0);
+        let bias = TimestepBias {
+            begin: 100,
+            end: 300,
+            multiplier: 4.0,
+        };
+        let n = 200_000;
+        let ts = sample_timesteps_biased(n, 1000, &bias, &mut rng);
+        let frac = |lo: usize, hi: usize| {
+            ts.iter().filter(|&&t| t >= lo && t < hi).count() as f64 / n as f64
+        };
+        // weights: 100 + 200*4 + 700 = 1600
+        for (lo, hi, want) in [
+            (0, 100, 100.0 / 1600.0),
+            (100, 300, 800.0 / 1600.0),
+            (300, 1000, 700.0 / 1600.0),
+            (100, 200, 400.0 / 1600.0),
+            (600, 700, 100.0 / 1600.0),
+        ] {
+            let got = frac(lo, hi);
+            assert!((got - want).abs() < 0.006, "[{lo}, {hi}): {got} vs {want}");
+        }
+        assert_eq!(*ts.iter().min().unwrap(), 0);
+        assert_eq!(*ts.iter().max().unwrap(), 999);
+        let (mut a, mut b) = (
+            crate::data::step_rng(1, "loss", 0),
+            crate::data::step_rng(1, "loss", 0),
+        );
+        let (xa, xb) = (
+            t(&[0.5, -0.5, 1.0, 2.0], &Device::Cpu)
+                .reshape((2, 2))
+                .unwrap(),
+            t(&[0.5, -0.5, 1.0, 2.0], &Device::Cpu)
+                .reshape((2, 2))
+                .unwrap(),
+        );
+        let s = sched();
+        let na = sample_noised(&s, &xa, &mut a).unwrap();
+        let nb = sample_noised_biased(&s, &xb, None, &mut b).unwrap();
+        assert_eq!(na.timesteps, nb.timesteps);
     }
 
     #[test]

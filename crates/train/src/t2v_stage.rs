@@ -50,7 +50,7 @@ use crate::cogvideox_train::TrainCogVideoX;
 use crate::config::{CaptionWord, ContrastPartners, LossWeighting, TrainConfig};
 use crate::data::{latent_object_mask, object_weights_from_mask, Batch};
 use crate::init::{default_rule, SeededVarMap};
-use crate::objective::{diffusion_loss, posterior_sample, sample_noised};
+use crate::objective::{diffusion_loss, posterior_sample, sample_noised_biased};
 use crate::t5_train::{write_text_encoder_folder, T5Config, TrainT5};
 use crate::trainable::{component, save_weights, LossOutput, Trainable};
 use crate::word_tokenizer::{build_tokenizer, world_vocabulary, write_tokenizer_folder, PAD_ID};
@@ -771,7 +771,12 @@ impl Trainable for TextToVideoStage {
         let x0 = self.latents(batch, rng)?; // [B, F', C, h, w]
         let (_, f, _, _, _) = x0.dims5()?;
         // 3. the diffusion objective
-        let nb = sample_noised(&self.sched, &x0, rng)?;
+        let nb = sample_noised_biased(
+            &self.sched,
+            &x0,
+            self.train_cfg.diffusion.timestep_bias.as_ref(),
+            rng,
+        )?;
         let t: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
         let t = Tensor::from_vec(t, b, &self.device)?;
         let rope = if self.cfg.transformer.use_rotary_positional_embeddings {
