@@ -822,6 +822,7 @@ mod tests {
             "vae_decoder",
             "vae_decoder2",
             "vae_decoder3",
+            "vae_decoder4",
         ] {
             assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
         }
