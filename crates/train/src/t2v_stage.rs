@@ -513,8 +513,8 @@ pub fn edit_caption(caption: &str, rng: &mut impl Rng) -> Option<String> {
     edit_caption_of(caption, &CaptionWord::ALL, rng)
 }
 
-/// [`edit_caption`] limited to the attributes in `words` (`diffusion.word_contrast_words`):
-/// the attribute is drawn among those of `words` the caption states. `None` when it states
+/// [`edit_caption`] limited to `attributes` (`diffusion.word_contrast_words`): the attribute
+/// is drawn among those of `attributes` the caption states. `None` when it states
 /// none of them.
 pub fn edit_caption_of(
     caption: &str,
@@ -700,7 +700,6 @@ fn write(path: &Path, text: &str) -> Result<()> {
 }
 
 impl TextToVideoStage {
-    /// The T5 embeddings of `prompts`; cut from the graph when the text encoder is frozen.
     /// The encodings of `prompts` each with one of `attributes` changed ([`edit_caption_of`]),
     /// and which of them were edited (a caption stating none of them keeps its own, unused).
     fn edited_text(
@@ -724,6 +723,7 @@ impl TextToVideoStage {
         ))
     }
 
+    /// The T5 embeddings of `prompts`; cut from the graph when the text encoder is frozen.
     fn encode_text(&self, prompts: &[&str]) -> Result<Tensor> {
         let text = self.t5.forward(&self.tokenize(prompts)?)?;
         Ok(if self.cfg.freeze_text_encoder {
