@@ -521,24 +521,17 @@ pub fn edit_caption_of(
     attributes: &[CaptionWord],
     rng: &mut impl Rng,
 ) -> Option<String> {
-    use vdit_world::{Colour, Motion, Shape, Size, Speed};
-    let colours: Vec<&str> = Colour::ALL.iter().map(|c| c.name()).collect();
-    let shapes: Vec<&str> = Shape::ALL.iter().map(|c| c.name()).collect();
-    let sizes: Vec<&str> = Size::ALL.iter().map(|c| c.name()).collect();
-    let directions: Vec<&str> = Motion::ALL
+    // the word lists of the listed attributes, in CaptionWord::ALL's order
+    let classes: Vec<Vec<&str>> = CaptionWord::ALL
         .iter()
-        .filter(|m| **m != Motion::Still)
-        .map(|c| c.name())
+        .filter(|a| attributes.contains(a))
+        .map(|&a| attribute_words(a))
         .collect();
-    let speeds: Vec<&str> = Speed::ALL.iter().map(|s| s.adverb()).collect();
-    let classes = [colours, shapes, sizes, directions, speeds];
-    let allowed = |c: usize| attributes.contains(&CaptionWord::ALL[c]);
     let mut words: Vec<String> = caption.split_whitespace().map(str::to_string).collect();
-    // (class, positions of its words in the caption) for the allowed classes the caption states
+    // (class, positions of its words in the caption) for the classes the caption states
     let present: Vec<(usize, Vec<usize>)> = classes
         .iter()
         .enumerate()
-        .filter(|(c, _)| allowed(*c))
         .map(|(c, values)| {
             let at = (0..words.len())
                 .filter(|&i| values.contains(&words[i].as_str()))
@@ -563,6 +556,23 @@ pub fn edit_caption_of(
         words[i - 1] = vdit_world::caption::article(new).to_string();
     }
     Some(words.join(" "))
+}
+
+/// The caption words that state attribute `a`, one per value (directions without "still",
+/// which captions do not say).
+fn attribute_words(a: CaptionWord) -> Vec<&'static str> {
+    use vdit_world::{Colour, Motion, Shape, Size, Speed};
+    match a {
+        CaptionWord::Colour => Colour::ALL.iter().map(|c| c.name()).collect(),
+        CaptionWord::Shape => Shape::ALL.iter().map(|c| c.name()).collect(),
+        CaptionWord::Size => Size::ALL.iter().map(|c| c.name()).collect(),
+        CaptionWord::Direction => Motion::ALL
+            .iter()
+            .filter(|m| **m != Motion::Still)
+            .map(|c| c.name())
+            .collect(),
+        CaptionWord::Speed => Speed::ALL.iter().map(|s| s.adverb()).collect(),
+    }
 }
 
 /// One caption-contrast term of a step: the samples in it (`idx`, those with a wrong caption
