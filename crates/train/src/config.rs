@@ -58,6 +58,9 @@
 //! word_contrast_margin = 0.2 # ... its margin
 //! word_contrast_words = ["colour", "shape", "size", "direction", "speed"] # ... the words it changes
 //! timestep_bias = { begin = 0, end = 300, multiplier = 2.0 } # transformer stage: timesteps in begin..end drawn 2x as often (default: uniform)
+//! shape_choice_weight = 0.0 # transformer stage: weight of the shape-choice term (x̂₀ nearer its own shape's latents than the others')
+//! shape_choice_temperature = 0.25 # ... the softmax temperature (a perfect x̂₀ leads by 1/this)
+//! shape_choice_max_t = 999  # ... only for samples noised at a timestep <= this
 //! [diffusion.scheduler]    # CogVideoXDDIMScheduler config (diffusers names); default CogVideoX-2b's
 //!
 //! [model]                  # stage-specific, read by the stage's builder (the toy: channels, pool)
@@ -386,6 +389,23 @@ pub struct DiffusionConfig {
     /// others (diffusers' `timestep_bias_strategy = "range"`), e.g. to train the low noise
     /// levels, where detail is drawn, more. Default none (uniform).
     pub timestep_bias: Option<TimestepBias>,
+    /// Transformer stage: weight λ of the shape-choice term. For each sample (not on the empty
+    /// prompt, noised at a timestep ≤ `shape_choice_max_t`) one object is drawn, the clip is
+    /// rendered again with that object's shape replaced by each of the three others and
+    /// encoded by the frozen VAE (posterior means μ_s; μ_own is the clip's own), and the
+    /// model's x̂₀ is asked to be nearest its own: λ · the cross-entropy of the softmax over the
+    /// four shapes of −‖x̂₀ − μ_s‖² / temperature, at the own shape. The squared error barely
+    /// depends on an object's corners (a shape differs from the others in a few latent cells),
+    /// so the plain loss leaves the shape word nearly worthless; this term is met only by
+    /// drawing the named shape (not by a worse prediction under another caption). Each
+    /// (bucket, clip, object) is encoded once while the latent cache has room. Default 0 (off).
+    pub shape_choice_weight: f64,
+    /// The temperature of `shape_choice_weight`'s softmax: the logit of each other shape is
+    /// −(‖x̂₀ − μ_s‖² − ‖x̂₀ − μ_own‖²) / (‖μ_s − μ_own‖² · temperature), so a perfect x̂₀
+    /// leads each other shape by 1/temperature and one halfway between ties. Default 0.25.
+    pub shape_choice_temperature: f64,
+    /// The shape-choice term applies to the samples noised at a timestep ≤ this. Default 999.
+    pub shape_choice_max_t: usize,
 }
 
 /// `diffusion.timestep_bias`: `{ begin = 0, end = 300, multiplier = 2.0 }`.
@@ -416,6 +436,9 @@ impl Default for DiffusionConfig {
             word_contrast_margin: 0.2,
             word_contrast_words: CaptionWord::ALL.to_vec(),
             timestep_bias: None,
+            shape_choice_weight: 0.0,
+            shape_choice_temperature: 0.25,
+            shape_choice_max_t: 999,
         }
     }
 }
@@ -557,6 +580,10 @@ impl TrainConfig {
                 "diffusion.word_contrast_margin",
                 self.diffusion.word_contrast_margin,
             ),
+            (
+                "diffusion.shape_choice_weight",
+                self.diffusion.shape_choice_weight,
+            ),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return bad(key, format!("expected a number >= 0, found {v}"));
@@ -578,12 +605,16 @@ impl TrainConfig {
                 "diffusion.word_contrast_weight",
                 self.diffusion.word_contrast_weight,
             ),
+            (
+                "diffusion.shape_choice_weight",
+                self.diffusion.shape_choice_weight,
+            ),
         ] {
             if w > 0.0 && self.stage != Stage::Transformer {
                 return bad(
                     key,
                     format!(
-                        "only the transformer stage has captions to contrast; this is a {:?} run (set 0)",
+                        "only the transformer stage trains on captions; this is a {:?} run (set 0)",
                         self.stage
                     ),
                 );
@@ -615,6 +646,13 @@ impl TrainConfig {
                     ),
                 );
             }
+        }
+        let tau = self.diffusion.shape_choice_temperature;
+        if !(tau.is_finite() && tau > 0.0) {
+            return bad(
+                "diffusion.shape_choice_temperature",
+                format!("expected a number > 0, found {tau}"),
+            );
         }
         if self.diffusion.word_contrast_weight > 0.0
             && self.diffusion.word_contrast_words.is_empty()

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use vdit_core::{Error, Result};
-use vdit_world::{render, sample_clip, RenderOpts};
+use vdit_world::{render, sample_clip, RenderOpts, Scene, Shape};
 
 /// One bucket: a clip size and length, and how often batches come from it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,23 +191,14 @@ pub fn render_clips(
     opts.validate()
         .map_err(|e| Error::invalid("data bucket", e.to_string()))?;
     let (w, h, f) = (b.width, b.height, b.frames);
-    let plane = w * h;
-    let mut out = vec![0f32; indices.len() * 3 * f * plane];
+    let clip_len = 3 * f * w * h;
+    let mut out = vec![0f32; indices.len() * clip_len];
     let mut captions = Vec::with_capacity(indices.len());
     let mut backgrounds = Vec::with_capacity(indices.len());
     for (i, &index) in indices.iter().enumerate() {
         let (scene, text) = sample_clip(data.split, world_seed, index, opts.duration());
         backgrounds.push(scene.background.rgb());
-        let frames = render(&scene, opts);
-        let clip = &mut out[i * 3 * f * plane..(i + 1) * 3 * f * plane];
-        for (k, frame) in frames.iter().enumerate() {
-            for (p, rgb) in frame.chunks_exact(3).enumerate() {
-                for c in 0..3 {
-                    // [3, F, H, W] within the clip.
-                    clip[(c * f + k) * plane + p] = rgb[c] as f32 / 127.5 - 1.0;
-                }
-            }
-        }
+        write_clip(&scene, opts, &mut out[i * clip_len..(i + 1) * clip_len]);
         captions.push(text);
     }
     let pixels = Tensor::from_vec(out, (indices.len(), 3, f, h, w), dev)?;
@@ -216,6 +207,56 @@ pub fn render_clips(
         captions,
         backgrounds,
     })
+}
+
+/// Renders `scene` into `clip` (`[3, F, H, W]`, values v/127.5 − 1).
+fn write_clip(scene: &Scene, opts: RenderOpts, clip: &mut [f32]) {
+    let (f, plane) = (opts.frames, opts.width * opts.height);
+    for (k, frame) in render(scene, opts).iter().enumerate() {
+        for (p, rgb) in frame.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                clip[(c * f + k) * plane + p] = rgb[c] as f32 / 127.5 - 1.0;
+            }
+        }
+    }
+}
+
+/// Clip `index` of the data split rendered at the bucket's size with object `object`'s shape
+/// replaced by each of the other shapes in turn: `[3, 3, F, H, W]` (the other shapes in index
+/// order) and the object's own shape. `None` when the clip has no object `object`.
+pub fn render_shape_alternatives(
+    data: &DataConfig,
+    world_seed: u64,
+    b: &Bucket,
+    index: u64,
+    object: usize,
+    dev: &Device,
+) -> Result<Option<(Tensor, Shape)>> {
+    let opts = RenderOpts {
+        width: b.width,
+        height: b.height,
+        frames: b.frames,
+        fps: data.fps,
+        antialias: data.antialias,
+    };
+    let (mut scene, _) = sample_clip(data.split, world_seed, index, opts.duration());
+    let Some(own) = scene.objects.get(object).map(|o| o.shape) else {
+        return Ok(None);
+    };
+    let others: Vec<Shape> = Shape::ALL.iter().copied().filter(|&s| s != own).collect();
+    let clip_len = 3 * b.frames * b.width * b.height;
+    let mut out = vec![0f32; others.len() * clip_len];
+    for (i, &s) in others.iter().enumerate() {
+        scene.objects[object].shape = s;
+        write_clip(&scene, opts, &mut out[i * clip_len..(i + 1) * clip_len]);
+    }
+    let pixels = Tensor::from_vec(out, (others.len(), 3, b.frames, b.height, b.width), dev)?;
+    Ok(Some((pixels, own)))
+}
+
+/// The number of objects in clip `index` of the data split.
+pub fn clip_object_count(data: &DataConfig, world_seed: u64, index: u64) -> usize {
+    sample_clip(data.split, world_seed, index, 0.0).0.objects.len()
 }
 
 /// Per-element loss weights `[B, F', 1, h, w]`: for clip i, `1 + object_weights[i]` at the

@@ -204,6 +204,24 @@ pub fn diffusion_loss(
     }
 }
 
+/// The model's estimate of x₀ from its prediction `pred` of the noised batch, per the
+/// scheduler's prediction type: x̂₀ = √ᾱ·x_t − √(1−ᾱ)·v̂ (v), (x_t − √(1−ᾱ)·ε̂)/√ᾱ (ε), or the
+/// prediction itself (sample). Differentiable in `pred`.
+pub fn predicted_x0(sched: &dyn Scheduler, pred: &Tensor, nb: &Noised) -> Result<Tensor> {
+    let sa: Vec<f64> = nb.alphas_cumprod.iter().map(|a| a.sqrt()).collect();
+    let s1a: Vec<f64> = nb.alphas_cumprod.iter().map(|a| (1.0 - a).sqrt()).collect();
+    Ok(match sched.prediction_type() {
+        PredictionType::VPrediction => (nb.noisy.broadcast_mul(&per_sample(&sa, pred)?)?
+            - pred.broadcast_mul(&per_sample(&s1a, pred)?)?)?,
+        PredictionType::Epsilon => {
+            let inv: Vec<f64> = sa.iter().map(|a| 1.0 / a.max(1e-8)).collect();
+            (nb.noisy.detach() - pred.broadcast_mul(&per_sample(&s1a, pred)?)?)?
+                .broadcast_mul(&per_sample(&inv, pred)?)?
+        }
+        PredictionType::Sample => pred.clone(),
+    })
+}
+
 /// Per-sample mean squared error `[B]` in f64 (for logging loss by timestep).
 pub fn per_sample_mse(pred: &Tensor, target: &Tensor) -> Result<Vec<f64>> {
     let b = pred.dim(0)?;

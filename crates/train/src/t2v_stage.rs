@@ -48,9 +48,14 @@
 
 use crate::cogvideox_train::TrainCogVideoX;
 use crate::config::{CaptionWord, ContrastPartners, LossWeighting, TrainConfig};
-use crate::data::{latent_object_mask, object_weights_from_mask, Batch};
+use crate::data::{
+    clip_object_count, latent_object_mask, object_weights_from_mask, render_shape_alternatives,
+    Batch,
+};
 use crate::init::{default_rule, SeededVarMap};
-use crate::objective::{diffusion_loss, posterior_sample, sample_noised_biased};
+use crate::objective::{
+    diffusion_loss, posterior_sample, predicted_x0, sample_noised_biased, Noised,
+};
 use crate::t5_train::{write_text_encoder_folder, T5Config, TrainT5};
 use crate::trainable::{component, save_weights, LossOutput, Trainable};
 use crate::word_tokenizer::{build_tokenizer, world_vocabulary, write_tokenizer_folder, PAD_ID};
@@ -64,6 +69,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokenizers::{Tokenizer, TruncationDirection};
 use vdit_core::{Error, Result};
+use vdit_world::Shape;
 use vdit_models::autoencoders::cogvideox_vae::AutoencoderKLCogVideoX;
 use vdit_models::transformers::cogvideox::{
     cogvideox_rotary_pos_embed, CogVideoXTransformerConfig,
@@ -167,6 +173,9 @@ fn check_keys<T: Serialize>(value: &serde_json::Value, known: &T, key: &str) -> 
 /// Posterior `(mean, logvar)` per (bucket, clip), bounded in bytes.
 struct LatentCache {
     map: HashMap<(usize, u64), (Tensor, Tensor)>,
+    /// Posterior means `[3, C, F', h, w]` of a clip rendered with one object's shape replaced
+    /// by each other shape, per (bucket, clip, object), for `diffusion.shape_choice_weight`.
+    alternatives: HashMap<(usize, u64, usize), Tensor>,
     bytes: usize,
     limit: usize,
     hits: u64,
@@ -343,6 +352,7 @@ impl TextToVideoStage {
         let cache = cfg.data.num_clips.map(|_| {
             Mutex::new(LatentCache {
                 map: HashMap::new(),
+                alternatives: HashMap::new(),
                 bytes: 0,
                 limit: mc.latent_cache_mb << 20,
                 hits: 0,
@@ -462,10 +472,138 @@ impl TextToVideoStage {
 
     /// Clean latents `[B, F', C, h, w]` (scaled) for a batch, with the posterior noise from `rng`.
     pub fn latents(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+        Ok(self.latents_and_means(batch, rng)?.0)
+    }
+
+    /// [`Self::latents`] and the posterior means, both `[B, F', C, h, w]` and scaled.
+    fn latents_and_means(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> Result<(Tensor, Tensor)> {
         let (mean, logvar) = self.posterior(batch)?;
-        let z = (posterior_sample(&mean, &logvar, rng)? * self.vae.config().scaling_factor)?;
-        // [B, C, F', h, w] -> [B, F', C, h, w]
-        Ok(z.permute((0, 2, 1, 3, 4))?.contiguous()?.detach())
+        let z = posterior_sample(&mean, &logvar, rng)?;
+        let scaled = |x: Tensor| -> Result<Tensor> {
+            // [B, C, F', h, w] -> [B, F', C, h, w]
+            Ok((x * self.vae.config().scaling_factor)?
+                .permute((0, 2, 1, 3, 4))?
+                .contiguous()?
+                .detach())
+        };
+        Ok((scaled(z)?, scaled(mean)?))
+    }
+
+    /// The scaled posterior means `[N, 3, F', C, h, w]` of each `(clip, object)` of the batch's
+    /// bucket rendered with that object's shape replaced by each other shape
+    /// ([`render_shape_alternatives`]), from the cache where possible; and each object's own
+    /// shape.
+    fn shape_alternatives(
+        &self,
+        batch: &Batch,
+        picks: &[(u64, usize)],
+    ) -> Result<(Tensor, Vec<Shape>)> {
+        let data = &self.train_cfg.data;
+        let bucket = &data.buckets[batch.bucket];
+        let seed = self.train_cfg.world_seed();
+        let key = |&(clip, object): &(u64, usize)| (batch.bucket, clip, object);
+        let mut parts: Vec<Option<Tensor>> = match &self.cache {
+            Some(cache) => {
+                let c = cache.lock().unwrap_or_else(|e| e.into_inner());
+                picks
+                    .iter()
+                    .map(|p| c.alternatives.get(&key(p)).cloned())
+                    .collect()
+            }
+            None => vec![None; picks.len()],
+        };
+        let mut own = Vec::with_capacity(picks.len());
+        let mut pixels = Vec::new();
+        let mut missing = Vec::new();
+        for (i, &(clip, object)) in picks.iter().enumerate() {
+            let (px, shape) =
+                render_shape_alternatives(data, seed, bucket, clip, object, &self.device)?
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            "shape choice",
+                            format!("clip {clip} has no object {object}"),
+                        )
+                    })?;
+            own.push(shape);
+            if parts[i].is_none() {
+                pixels.push(px);
+                missing.push(i);
+            }
+        }
+        if !missing.is_empty() {
+            let mean = self.vae.encode_plain(&Tensor::cat(&pixels, 0)?)?.mean;
+            let mut cache = self
+                .cache
+                .as_ref()
+                .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()));
+            for (k, &i) in missing.iter().enumerate() {
+                let m = mean.narrow(0, 3 * k, 3)?.contiguous()?;
+                if let Some(c) = cache.as_mut() {
+                    let size = m.elem_count() * 4;
+                    if c.bytes + size <= c.limit {
+                        c.alternatives.insert(key(&picks[i]), m.clone());
+                        c.bytes += size;
+                    }
+                }
+                parts[i] = Some(m);
+            }
+        }
+        let parts: Vec<Tensor> = parts.into_iter().map(|p| p.expect("filled above")).collect();
+        // [N, 3, C, F', h, w] -> [N, 3, F', C, h, w], scaled
+        let alts = (Tensor::stack(&parts, 0)? * self.vae.config().scaling_factor)?
+            .permute((0, 1, 3, 2, 4, 5))?
+            .contiguous()?;
+        Ok((alts, own))
+    }
+
+    /// The shape-choice term of a step (see `diffusion.shape_choice_weight`): the samples in
+    /// it, one object of each drawn from `rng`, and [`shape_choice_loss`] on them; `None` when
+    /// no sample is in it.
+    fn shape_choice_term(
+        &self,
+        batch: &Batch,
+        prompts: &[&str],
+        pred: &Tensor,
+        nb: &Noised,
+        means: &Tensor,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Option<ShapeChoice>> {
+        let dc = &self.train_cfg.diffusion;
+        let seed = self.train_cfg.world_seed();
+        let mut rows = Vec::new();
+        let mut picks = Vec::new();
+        for (i, &clip) in batch.clip_indices.iter().enumerate() {
+            if prompts[i].is_empty() || nb.timesteps[i] > dc.shape_choice_max_t {
+                continue;
+            }
+            let n = clip_object_count(&self.train_cfg.data, seed, clip);
+            if n == 0 {
+                continue;
+            }
+            rows.push(i as u32);
+            picks.push((clip, rng.random_range(0..n)));
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let (alts, _) = self.shape_alternatives(batch, &picks)?;
+        let n = rows.len();
+        let idx = Tensor::from_vec(rows, n, &self.device)?;
+        let x0_hat = predicted_x0(&self.sched, &pred.index_select(&idx, 0)?, &{
+            let mut sub = nb.clone();
+            sub.noisy = nb.noisy.index_select(&idx, 0)?;
+            let ids: Vec<usize> = idx.to_vec1::<u32>()?.iter().map(|&i| i as usize).collect();
+            sub.alphas_cumprod = ids.iter().map(|&i| nb.alphas_cumprod[i]).collect();
+            sub.timesteps = ids.iter().map(|&i| nb.timesteps[i]).collect();
+            sub
+        })?;
+        shape_choice_loss(
+            &x0_hat,
+            &means.index_select(&idx, 0)?,
+            &alts,
+            dc.shape_choice_temperature,
+        )
+        .map(Some)
     }
 
     /// `model_index.json`.
@@ -674,6 +812,82 @@ pub fn caption_contrast(
     Ok((term, Some(mean_ratio)))
 }
 
+/// The shape-choice term of a step and what it logs.
+pub struct ShapeChoice {
+    /// The mean cross-entropy (a scalar tensor).
+    pub loss: Tensor,
+    /// The fraction of samples whose x̂₀ is nearest its own shape's latents.
+    pub accuracy: f64,
+    /// The mean ‖μ_s − μ_own‖² over the samples and other shapes: how far apart the shapes
+    /// are in the latent (set the temperature against it).
+    pub gap: f64,
+}
+
+/// The shape-choice cross-entropy (see `diffusion.shape_choice_weight`) of the estimates
+/// `x0_hat` `[N, ...]`, against the latents of each sample's own shape `own` `[N, ...]` and of
+/// its others `alts` `[N, K, ...]`: with d_s = ‖x̂₀ − μ_s‖², the logit of shape s over the
+/// own one is −(d_s − d_own) / (‖μ_s − μ_own‖² · temperature) — 1/temperature for x̂₀ = μ_own,
+/// 0 halfway, −1/temperature at μ_s, whatever the object's size — and the term is the mean over
+/// samples of −log softmax at the own shape (logit 0). The differences are computed as
+/// d_s − d_own = Σ (μ_own − μ_s)·(2x̂₀ − μ_s − μ_own), exact where the full distances would
+/// cancel (the cells away from the object agree in every μ).
+pub fn shape_choice_loss(
+    x0_hat: &Tensor,
+    own: &Tensor,
+    alts: &Tensor,
+    temperature: f64,
+) -> Result<ShapeChoice> {
+    let n = x0_hat.dim(0)?;
+    let k = alts.dim(1).unwrap_or(0);
+    if own.dims() != x0_hat.dims() || alts.rank() != x0_hat.rank() + 1 || alts.dim(0)? != n {
+        return Err(Error::invalid(
+            "shape choice",
+            format!(
+                "estimates {:?}, own latents {:?} and others {:?} disagree: expected [N, ...], \
+                 [N, ...] and [N, K, ...]",
+                x0_hat.dims(),
+                own.dims(),
+                alts.dims()
+            ),
+        ));
+    }
+    let own = own.detach().unsqueeze(1)?;
+    let alts = alts.detach();
+    let diff = own.broadcast_sub(&alts)?; // μ_own − μ_s
+    let mid = (x0_hat.unsqueeze(1)?.broadcast_mul(&Tensor::new(2f32, x0_hat.device())?.to_dtype(x0_hat.dtype())?)?
+        .broadcast_sub(&alts)?
+        .broadcast_sub(&own))?; // 2x̂₀ − μ_s − μ_own
+    let gaps = diff.sqr()?.reshape((n, k, ()))?.sum(2)?.detach(); // ‖μ_s − μ_own‖², [N, K]
+    // Logit of each other shape relative to the own one:
+    // −(d_s − d_own) / (‖μ_s − μ_own‖² · temperature).
+    let scale = (gaps.clamp(1e-6, f64::INFINITY)? * (-temperature))?;
+    let rel = diff
+        .broadcast_mul(&mid)?
+        .reshape((n, k, ()))?
+        .sum(2)?
+        .broadcast_div(&scale)?; // [N, K]
+    let logits = Tensor::cat(&[Tensor::zeros((n, 1), rel.dtype(), rel.device())?, rel.clone()], 1)?;
+    let m = logits.detach().max_keepdim(1)?;
+    let lse = (logits.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + &m)?; // [N, 1]
+    // The own shape's logit is 0, so its cross-entropy is the log-sum-exp.
+    let loss = lse.mean_all()?;
+    let rel_v: Vec<Vec<f32>> = rel.detach().to_dtype(DType::F32)?.to_vec2()?;
+    let accuracy = rel_v
+        .iter()
+        .filter(|r| r.iter().all(|&l| l < 0.0))
+        .count() as f64
+        / n.max(1) as f64;
+    let gap = gaps
+        .mean_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok(ShapeChoice {
+        loss,
+        accuracy,
+        gap,
+    })
+}
+
 /// `value` (a serde struct's JSON object) with `_class_name` and `_diffusers_version` first.
 fn diffusers_config<T: Serialize>(class: &str, value: &T) -> Result<String> {
     let mut m = serde_json::Map::new();
@@ -778,7 +992,7 @@ impl Trainable for TextToVideoStage {
             .collect();
         let text = self.encode_text(&prompts)?; // [B, L, d_model]
                                                 // 2. latents of the frozen VAE
-        let x0 = self.latents(batch, rng)?; // [B, F', C, h, w]
+        let (x0, means) = self.latents_and_means(batch, rng)?; // [B, F', C, h, w]
         let (_, f, _, _, _) = x0.dims5()?;
         // 3. the diffusion objective
         let nb = sample_noised_biased(
@@ -922,6 +1136,17 @@ impl Trainable for TextToVideoStage {
                 if let Some(r) = log_ratio {
                     metrics.push((term.name.to_string(), r));
                 }
+            }
+        }
+        if dc.shape_choice_weight > 0.0 {
+            if let Some(sc) =
+                self.shape_choice_term(batch, &prompts, &pred, &nb, &means, rng)?
+            {
+                loss = (loss + (sc.loss.clone() * dc.shape_choice_weight)?)?;
+                let ce = sc.loss.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                metrics.push(("shape_choice".to_string(), ce));
+                metrics.push(("shape_choice_acc".to_string(), sc.accuracy));
+                metrics.push(("shape_gap".to_string(), sc.gap));
             }
         }
         let mut out = LossOutput::new(loss);
