@@ -992,6 +992,33 @@ mod tests {
             "{e}"
         );
         cfg.stage = Stage::Transformer;
+        // the shape-choice term: its weight, temperature and stage
+        cfg.diffusion.shape_choice_weight = -0.1;
+        let e = err(&cfg);
+        assert!(
+            e.contains("diffusion.shape_choice_weight") && e.contains("-0.1"),
+            "{e}"
+        );
+        cfg.diffusion.shape_choice_weight = 0.2;
+        for tau in [0.0, -1.0, f64::NAN] {
+            cfg.diffusion.shape_choice_temperature = tau;
+            let e = err(&cfg);
+            assert!(
+                e.contains("diffusion.shape_choice_temperature") && e.contains("> 0"),
+                "{e}"
+            );
+        }
+        cfg.diffusion.shape_choice_temperature = 0.25;
+        cfg.validate(Path::new("c.toml")).unwrap();
+        cfg.stage = Stage::Vae;
+        cfg.diffusion.timestep_bias = None;
+        let e = err(&cfg);
+        assert!(
+            e.contains("diffusion.shape_choice_weight") && e.contains("Vae"),
+            "{e}"
+        );
+        cfg.stage = Stage::Transformer;
+        cfg.diffusion.shape_choice_weight = 0.0;
         let words = TrainConfig::from_toml(
             Path::new("w.toml"),
             "stage = \"transformer\"\n[diffusion]\nword_contrast_weight = 0.2\n\

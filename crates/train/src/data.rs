@@ -94,8 +94,10 @@ pub struct Batch {
     pub captions: Vec<String>,
     /// Each clip's background colour (sRGB): pixels of another colour are objects.
     pub backgrounds: Vec<[u8; 3]>,
-    /// World clip indices (under the data split and world seed).
+    /// World clip indices (under the data split and `world_seed`).
     pub clip_indices: Vec<u64>,
+    /// The seed of the world the clips were drawn from.
+    pub world_seed: u64,
 }
 
 /// Rendered clips: pixels `[B, 3, F, H, W]` in [-1, 1], captions and background colours.
@@ -168,6 +170,7 @@ pub fn batches_for_step(
                 captions: r.captions,
                 backgrounds: r.backgrounds,
                 clip_indices: indices,
+                world_seed,
             })
         })
         .collect()
@@ -256,7 +259,10 @@ pub fn render_shape_alternatives(
 
 /// The number of objects in clip `index` of the data split.
 pub fn clip_object_count(data: &DataConfig, world_seed: u64, index: u64) -> usize {
-    sample_clip(data.split, world_seed, index, 0.0).0.objects.len()
+    sample_clip(data.split, world_seed, index, 0.0)
+        .0
+        .objects
+        .len()
 }
 
 /// Per-element loss weights `[B, F', 1, h, w]`: for clip i, `1 + object_weights[i]` at the
@@ -401,6 +407,100 @@ mod tests {
         assert_ne!(a[0].clip_indices, c[0].clip_indices);
         let e = batches_for_step(&d, 4, 3, 2, 2, 17, &dev).unwrap();
         assert_ne!(a[0].clip_indices, e[0].clip_indices);
+    }
+
+    /// Each alternative draws the chosen object as one of the other three shapes (its colour
+    /// exactly where that shape covers a pixel's centre) and leaves every pixel away from that
+    /// object as rendered; the own shape is the scene's.
+    #[test]
+    fn shape_alternatives_redraw_only_the_chosen_object() {
+        let data = DataConfig {
+            split: vdit_world::Split::Train,
+            antialias: false,
+            ..Default::default()
+        };
+        let b = Bucket {
+            width: 64,
+            height: 64,
+            frames: 5,
+            weight: 1.0,
+            batch_size: None,
+            from_step: None,
+        };
+        let dev = Device::Cpu;
+        let opts = RenderOpts {
+            width: 64,
+            height: 64,
+            frames: 5,
+            fps: data.fps,
+            antialias: data.antialias,
+        };
+        let mut seen_two = false;
+        for index in 0..12u64 {
+            let (scene, _) = sample_clip(data.split, 7, index, opts.duration());
+            let n = clip_object_count(&data, 7, index);
+            assert_eq!(n, scene.objects.len());
+            seen_two |= n == 2;
+            assert!(render_shape_alternatives(&data, 7, &b, index, n, &dev)
+                .unwrap()
+                .is_none());
+            let own = render_clips(&data, 7, &b, &[index], &dev).unwrap().pixels;
+            let own = own.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for k in 0..n {
+                let obj = &scene.objects[k];
+                let (alts, shape) = render_shape_alternatives(&data, 7, &b, index, k, &dev)
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(shape, obj.shape);
+                assert_eq!(alts.dims(), &[3, 3, 5, 64, 64]);
+                let others: Vec<Shape> =
+                    Shape::ALL.iter().copied().filter(|&s| s != shape).collect();
+                let alts = alts.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let r = obj.size.radius();
+                let bg: Vec<f32> = scene
+                    .background
+                    .rgb()
+                    .iter()
+                    .map(|&v| v as f32 / 127.5 - 1.0)
+                    .collect();
+                let plane = 64 * 64;
+                for (a, &s) in others.iter().enumerate() {
+                    let alt = &alts[a * 3 * 5 * plane..(a + 1) * 3 * 5 * plane];
+                    assert!(alt != &own[..], "{index}/{k}: {s:?} renders as {shape:?}");
+                    let mut mismatched = 0usize;
+                    for f in 0..5 {
+                        let (cx, cy) = obj.position(f as f64 / opts.fps as f64);
+                        for p in 0..plane {
+                            let (x, y) = ((p % 64) as f64 + 0.5, (p / 64) as f64 + 0.5);
+                            let near = (x / 64.0 - cx).abs() <= r + 1.5 / 64.0
+                                && (y / 64.0 - cy).abs() <= r + 1.5 / 64.0;
+                            let px = |c: usize| (c * 5 + f) * plane + p;
+                            let changed = (0..3).any(|c| alt[px(c)] != own[px(c)]);
+                            assert!(
+                                near || !changed,
+                                "{index}/{k} {s:?}: pixel {p} of frame {f} changed away from the object"
+                            );
+                            let colour = obj.colour.rgb();
+                            let is_obj = (0..3).all(|c| {
+                                (alt[px(c)] - (colour[c] as f32 / 127.5 - 1.0)).abs() < 1e-6
+                            }) && (0..3).any(|c| (alt[px(c)] - bg[c]).abs() > 1e-6);
+                            // within the object's box (no other object reaches it) the
+                            // object's colour is where shape s covers the pixel's centre
+                            let (dx, dy) = (x / 64.0 - cx, y / 64.0 - cy);
+                            if dx.abs() <= r && dy.abs() <= r && is_obj != s.contains(dx, dy, r) {
+                                mismatched += 1;
+                            }
+                        }
+                    }
+                    // (a centre on the boundary may round either way)
+                    assert!(
+                        mismatched <= 5,
+                        "{index}/{k} {s:?}: {mismatched} pixels differ from the shape"
+                    );
+                }
+            }
+        }
+        assert!(seen_two);
     }
 
     #[test]

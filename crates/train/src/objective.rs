@@ -211,8 +211,10 @@ pub fn predicted_x0(sched: &dyn Scheduler, pred: &Tensor, nb: &Noised) -> Result
     let sa: Vec<f64> = nb.alphas_cumprod.iter().map(|a| a.sqrt()).collect();
     let s1a: Vec<f64> = nb.alphas_cumprod.iter().map(|a| (1.0 - a).sqrt()).collect();
     Ok(match sched.prediction_type() {
-        PredictionType::VPrediction => (nb.noisy.broadcast_mul(&per_sample(&sa, pred)?)?
-            - pred.broadcast_mul(&per_sample(&s1a, pred)?)?)?,
+        PredictionType::VPrediction => {
+            (nb.noisy.broadcast_mul(&per_sample(&sa, pred)?)?
+                - pred.broadcast_mul(&per_sample(&s1a, pred)?)?)?
+        }
         PredictionType::Epsilon => {
             let inv: Vec<f64> = sa.iter().map(|a| 1.0 / a.max(1e-8)).collect();
             (nb.noisy.detach() - pred.broadcast_mul(&per_sample(&s1a, pred)?)?)?

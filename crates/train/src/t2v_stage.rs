@@ -69,12 +69,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokenizers::{Tokenizer, TruncationDirection};
 use vdit_core::{Error, Result};
-use vdit_world::Shape;
 use vdit_models::autoencoders::cogvideox_vae::AutoencoderKLCogVideoX;
 use vdit_models::transformers::cogvideox::{
     cogvideox_rotary_pos_embed, CogVideoXTransformerConfig,
 };
 use vdit_schedulers::CogVideoXDDIMScheduler;
+use vdit_world::Shape;
 
 /// The diffusers version written into the exported configs.
 pub const DIFFUSERS_VERSION: &str = "0.42.1";
@@ -500,7 +500,7 @@ impl TextToVideoStage {
     ) -> Result<(Tensor, Vec<Shape>)> {
         let data = &self.train_cfg.data;
         let bucket = &data.buckets[batch.bucket];
-        let seed = self.train_cfg.world_seed();
+        let seed = batch.world_seed;
         let key = |&(clip, object): &(u64, usize)| (batch.bucket, clip, object);
         let mut parts: Vec<Option<Tensor>> = match &self.cache {
             Some(cache) => {
@@ -548,7 +548,10 @@ impl TextToVideoStage {
                 parts[i] = Some(m);
             }
         }
-        let parts: Vec<Tensor> = parts.into_iter().map(|p| p.expect("filled above")).collect();
+        let parts: Vec<Tensor> = parts
+            .into_iter()
+            .map(|p| p.expect("filled above"))
+            .collect();
         // [N, 3, C, F', h, w] -> [N, 3, F', C, h, w], scaled
         let alts = (Tensor::stack(&parts, 0)? * self.vae.config().scaling_factor)?
             .permute((0, 1, 3, 2, 4, 5))?
@@ -569,7 +572,7 @@ impl TextToVideoStage {
         rng: &mut ChaCha8Rng,
     ) -> Result<Option<ShapeChoice>> {
         let dc = &self.train_cfg.diffusion;
-        let seed = self.train_cfg.world_seed();
+        let seed = batch.world_seed;
         let mut rows = Vec::new();
         let mut picks = Vec::new();
         for (i, &clip) in batch.clip_indices.iter().enumerate() {
@@ -587,18 +590,11 @@ impl TextToVideoStage {
             return Ok(None);
         }
         let (alts, _) = self.shape_alternatives(batch, &picks)?;
+        let x0_hat = predicted_x0(&self.sched, pred, nb)?;
         let n = rows.len();
         let idx = Tensor::from_vec(rows, n, &self.device)?;
-        let x0_hat = predicted_x0(&self.sched, &pred.index_select(&idx, 0)?, &{
-            let mut sub = nb.clone();
-            sub.noisy = nb.noisy.index_select(&idx, 0)?;
-            let ids: Vec<usize> = idx.to_vec1::<u32>()?.iter().map(|&i| i as usize).collect();
-            sub.alphas_cumprod = ids.iter().map(|&i| nb.alphas_cumprod[i]).collect();
-            sub.timesteps = ids.iter().map(|&i| nb.timesteps[i]).collect();
-            sub
-        })?;
         shape_choice_loss(
-            &x0_hat,
+            &x0_hat.index_select(&idx, 0)?,
             &means.index_select(&idx, 0)?,
             &alts,
             dc.shape_choice_temperature,
@@ -854,33 +850,35 @@ pub fn shape_choice_loss(
     let own = own.detach().unsqueeze(1)?;
     let alts = alts.detach();
     let diff = own.broadcast_sub(&alts)?; // μ_own − μ_s
-    let mid = (x0_hat.unsqueeze(1)?.broadcast_mul(&Tensor::new(2f32, x0_hat.device())?.to_dtype(x0_hat.dtype())?)?
+    let mid = (x0_hat
+        .unsqueeze(1)?
+        .broadcast_mul(&Tensor::new(2f32, x0_hat.device())?.to_dtype(x0_hat.dtype())?)?
         .broadcast_sub(&alts)?
         .broadcast_sub(&own))?; // 2x̂₀ − μ_s − μ_own
     let gaps = diff.sqr()?.reshape((n, k, ()))?.sum(2)?.detach(); // ‖μ_s − μ_own‖², [N, K]
-    // Logit of each other shape relative to the own one:
-    // −(d_s − d_own) / (‖μ_s − μ_own‖² · temperature).
+                                                                  // Logit of each other shape relative to the own one:
+                                                                  // −(d_s − d_own) / (‖μ_s − μ_own‖² · temperature).
     let scale = (gaps.clamp(1e-6, f64::INFINITY)? * (-temperature))?;
     let rel = diff
         .broadcast_mul(&mid)?
         .reshape((n, k, ()))?
         .sum(2)?
         .broadcast_div(&scale)?; // [N, K]
-    let logits = Tensor::cat(&[Tensor::zeros((n, 1), rel.dtype(), rel.device())?, rel.clone()], 1)?;
+    let logits = Tensor::cat(
+        &[
+            Tensor::zeros((n, 1), rel.dtype(), rel.device())?,
+            rel.clone(),
+        ],
+        1,
+    )?;
     let m = logits.detach().max_keepdim(1)?;
     let lse = (logits.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + &m)?; // [N, 1]
-    // The own shape's logit is 0, so its cross-entropy is the log-sum-exp.
+                                                                               // The own shape's logit is 0, so its cross-entropy is the log-sum-exp.
     let loss = lse.mean_all()?;
     let rel_v: Vec<Vec<f32>> = rel.detach().to_dtype(DType::F32)?.to_vec2()?;
-    let accuracy = rel_v
-        .iter()
-        .filter(|r| r.iter().all(|&l| l < 0.0))
-        .count() as f64
-        / n.max(1) as f64;
-    let gap = gaps
-        .mean_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?;
+    let accuracy =
+        rel_v.iter().filter(|r| r.iter().all(|&l| l < 0.0)).count() as f64 / n.max(1) as f64;
+    let gap = gaps.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     Ok(ShapeChoice {
         loss,
         accuracy,
@@ -1139,9 +1137,7 @@ impl Trainable for TextToVideoStage {
             }
         }
         if dc.shape_choice_weight > 0.0 {
-            if let Some(sc) =
-                self.shape_choice_term(batch, &prompts, &pred, &nb, &means, rng)?
-            {
+            if let Some(sc) = self.shape_choice_term(batch, &prompts, &pred, &nb, &means, rng)? {
                 loss = (loss + (sc.loss.clone() * dc.shape_choice_weight)?)?;
                 let ce = sc.loss.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 metrics.push(("shape_choice".to_string(), ce));

@@ -1279,3 +1279,244 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
     }
 }
+
+/// `shape_choice_loss` against the full distances by hand in f64, its limits (a perfect
+/// estimate leads each other shape by 1/temperature; one at another shape's latents loses),
+/// its shape errors, and its gradient against finite differences.
+#[test]
+fn shape_choice_by_hand_and_its_gradient() {
+    let dev = Device::Cpu;
+    let (n, k, e) = (3usize, 3usize, 6usize);
+    let val = |i: usize, a: usize, b: usize, d: f64| ((i * a % b) as f64 - (b / 2) as f64) / d;
+    let own: Vec<f64> = (0..n * e).map(|i| val(i, 7, 11, 4.0)).collect();
+    // the others differ from the own latents in a few elements only, as shapes do
+    let alts: Vec<f64> = (0..n * k * e)
+        .map(|i| {
+            let (s, j) = (i / (k * e), i % e);
+            let base = own[s * e + j];
+            if j % 3 == (i / e) % k % 3 {
+                base + val(i, 5, 13, 3.0) + 0.5
+            } else {
+                base
+            }
+        })
+        .collect();
+    // sample 0 near its own latents, 1 near its second other shape's, 2 anywhere
+    let x: Vec<f64> = (0..n * e)
+        .map(|i| {
+            let (s, j) = (i / e, i % e);
+            let wobble = val(i, 3, 7, 20.0);
+            match s {
+                0 => own[i] + wobble,
+                1 => alts[(s * k + 1) * e + j] + wobble,
+                _ => val(i, 3, 7, 2.0),
+            }
+        })
+        .collect();
+    let tau = 0.4;
+    let t = |v: &[f64], dims: &[usize]| Tensor::from_vec(v.to_vec(), dims, &dev).unwrap();
+    let sc = shape_choice_loss(
+        &t(&x, &[n, 2, 3]),
+        &t(&own, &[n, 2, 3]),
+        &t(&alts, &[n, k, 2, 3]),
+        tau,
+    )
+    .unwrap();
+    let d = |p: &[f64], q: &[f64]| p.iter().zip(q).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
+    let (mut want, mut right, mut gap) = (0.0, 0usize, 0.0);
+    for i in 0..n {
+        let xi = &x[i * e..(i + 1) * e];
+        let oi = &own[i * e..(i + 1) * e];
+        let rel: Vec<f64> = (0..k)
+            .map(|s| {
+                let a = &alts[(i * k + s) * e..(i * k + s + 1) * e];
+                gap += d(a, oi) / (n * k) as f64;
+                -(d(xi, a) - d(xi, oi)) / (d(a, oi) * tau)
+            })
+            .collect();
+        want += (1.0 + rel.iter().map(|r| r.exp()).sum::<f64>()).ln() / n as f64;
+        right += usize::from(rel.iter().all(|&r| r < 0.0));
+    }
+    let got = sc.loss.to_scalar::<f64>().unwrap();
+    assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+    assert!((sc.accuracy - right as f64 / n as f64).abs() < 1e-12);
+    assert!(right > 0 && right < n, "the data should have both: {right}");
+    assert!((sc.gap - gap).abs() < 1e-9, "{} vs {gap}", sc.gap);
+    // x̂₀ = μ_own: each other shape trails by 1/temperature.
+    let perfect = shape_choice_loss(
+        &t(&own, &[n, 2, 3]),
+        &t(&own, &[n, 2, 3]),
+        &t(&alts, &[n, k, 2, 3]),
+        tau,
+    )
+    .unwrap();
+    let want = (1.0 + 3.0 * (-1.0 / tau).exp()).ln();
+    assert!((perfect.loss.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
+    assert_eq!(perfect.accuracy, 1.0);
+    // x̂₀ = the first other shape's latents: that shape wins every sample.
+    let first: Vec<f64> = (0..n)
+        .flat_map(|i| alts[i * k * e..i * k * e + e].to_vec())
+        .collect();
+    let wrong = shape_choice_loss(
+        &t(&first, &[n, 2, 3]),
+        &t(&own, &[n, 2, 3]),
+        &t(&alts, &[n, k, 2, 3]),
+        tau,
+    )
+    .unwrap();
+    assert_eq!(wrong.accuracy, 0.0);
+    assert!(wrong.loss.to_scalar::<f64>().unwrap() > 1.0 / tau);
+    let err = shape_choice_loss(
+        &t(&x, &[n, 2, 3]),
+        &t(&own, &[n, 6]),
+        &t(&alts, &[n, k, 2, 3]),
+        tau,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("shape choice") && err.contains("[N, K, ...]"),
+        "{err}"
+    );
+    let report = crate::gradcheck::check_grad(
+        |xs| {
+            shape_choice_loss(&xs[0], &t(&own, &[n, 2, 3]), &t(&alts, &[n, k, 2, 3]), tau)
+                .map(|sc| sc.loss)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        },
+        &[t(&x, &[n, 2, 3])],
+        1e-6,
+        1e-6,
+    )
+    .unwrap();
+    assert!(report.max_abs_grad > 0.1, "{report:?}");
+}
+
+/// `diffusion.shape_choice_weight` adds λ times the shape-choice term of the batch's own
+/// prediction, from the same draws: one object per sample drawn after the noise, the clip
+/// re-rendered with the other shapes and encoded by the VAE; samples above
+/// `shape_choice_max_t` or on the empty prompt are left out; the term is logged.
+#[test]
+fn shape_choice_adds_the_term_from_the_same_draws() {
+    let root = tmp("shape-choice");
+    let vae = root.join("vae");
+    tiny_vae(&vae);
+    let dev = Device::Cpu;
+    let mut cfg = tiny_config(&vae, &root.join("run"));
+    cfg.model["caption_dropout"] = serde_json::json!(0.3);
+    cfg.data.num_clips = Some(50);
+    cfg.diffusion.shape_choice_weight = 0.7;
+    cfg.diffusion.shape_choice_temperature = 0.5;
+    let probe = TextToVideoStage::new(&cfg, &dev).unwrap();
+    // The draws by hand; the first step with a dropped prompt and a sample in the term.
+    let (b, dropped, x0, means, nb) = (0..100)
+        .find_map(|step| {
+            let b = batches_for_step(&cfg.data, 0, 0, 3, 1, step, &dev)
+                .unwrap()
+                .remove(0);
+            let mut rng = step_rng(0, "loss", step);
+            let dropped: Vec<bool> = b
+                .captions
+                .iter()
+                .map(|_| rng.random::<f64>() < 0.3)
+                .collect();
+            let (x0, means) = probe.latents_and_means(&b, &mut rng).unwrap();
+            let nb = sample_noised(&probe.sched, &x0, &mut rng).unwrap();
+            let kept = dropped.iter().filter(|d| !**d).count();
+            (dropped.iter().any(|d| *d) && kept >= 2).then_some((b, dropped, x0, means, nb))
+        })
+        .unwrap();
+    // max_t between the kept samples' timesteps, so that one is left out
+    let mut kept_t: Vec<usize> = (0..dropped.len())
+        .filter(|&i| !dropped[i])
+        .map(|i| nb.timesteps[i])
+        .collect();
+    kept_t.sort();
+    assert!(kept_t[0] < *kept_t.last().unwrap(), "{kept_t:?}");
+    cfg.diffusion.shape_choice_max_t = kept_t[0];
+    let stage = TextToVideoStage::new(&cfg, &dev).unwrap();
+    perturb(&stage);
+    let mut rng = step_rng(0, "loss", b.step);
+    for _ in &b.captions {
+        let _: f64 = rng.random();
+    }
+    let _ = stage.latents_and_means(&b, &mut rng).unwrap();
+    let _ = sample_noised(&stage.sched, &x0, &mut rng).unwrap();
+    let rows: Vec<usize> = (0..dropped.len())
+        .filter(|&i| !dropped[i] && nb.timesteps[i] <= kept_t[0])
+        .collect();
+    let mut alts = Vec::new();
+    for &i in &rows {
+        let clip = b.clip_indices[i];
+        let n = crate::data::clip_object_count(&cfg.data, 0, clip);
+        let k = rng.random_range(0..n);
+        let (px, _) =
+            render_shape_alternatives(&cfg.data, 0, &cfg.data.buckets[b.bucket], clip, k, &dev)
+                .unwrap()
+                .unwrap();
+        let m = stage.vae.encode_plain(&px).unwrap().mean;
+        alts.push(
+            (m * stage.vae.config().scaling_factor)
+                .unwrap()
+                .permute((0, 2, 1, 3, 4))
+                .unwrap(),
+        );
+    }
+    let out = stage.loss(&b, &mut step_rng(0, "loss", b.step)).unwrap();
+    let got = out.loss.to_scalar::<f32>().unwrap();
+    let prompts: Vec<&str> = b
+        .captions
+        .iter()
+        .zip(&dropped)
+        .map(|(c, &d)| if d { "" } else { c.as_str() })
+        .collect();
+    let text = stage
+        .t5
+        .forward(&stage.tokenize(&prompts).unwrap())
+        .unwrap();
+    let ts: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
+    let ts = Tensor::from_vec(ts, x0.dim(0).unwrap(), &dev).unwrap();
+    let pred = stage
+        .transformer
+        .forward(&nb.noisy, &text, &ts, None)
+        .unwrap();
+    let plain = diffusion_loss(
+        &stage.sched,
+        &pred,
+        &nb,
+        &x0,
+        LossWeighting::Cogvideox,
+        None,
+    )
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap();
+    // x̂₀ = √ᾱ·x_t − √(1−ᾱ)·v̂ per kept sample
+    let x0_hat: Vec<Tensor> = rows
+        .iter()
+        .map(|&i| {
+            let a = nb.alphas_cumprod[i];
+            ((nb.noisy.get(i).unwrap() * a.sqrt()).unwrap()
+                - (pred.get(i).unwrap() * (1.0 - a).sqrt()).unwrap())
+            .unwrap()
+        })
+        .collect();
+    let own: Vec<Tensor> = rows.iter().map(|&i| means.get(i).unwrap()).collect();
+    let sc = shape_choice_loss(
+        &Tensor::stack(&x0_hat, 0).unwrap(),
+        &Tensor::stack(&own, 0).unwrap(),
+        &Tensor::stack(&alts, 0).unwrap(),
+        0.5,
+    )
+    .unwrap();
+    let term = sc.loss.to_scalar::<f32>().unwrap();
+    assert!(term > 0.0);
+    let want = plain + 0.7 * term;
+    assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
+    let logged = |name: &str| out.metrics.iter().find(|(k, _)| k == name).map(|m| m.1);
+    assert!((logged("shape_choice").unwrap() - term as f64).abs() < 1e-5);
+    assert_eq!(logged("shape_choice_acc").unwrap(), sc.accuracy);
+    assert!((logged("shape_gap").unwrap() - sc.gap).abs() < 1e-6 * sc.gap.max(1.0));
+    std::fs::remove_dir_all(&root).ok();
+}
