@@ -184,15 +184,7 @@ pub fn render_clips(
     indices: &[u64],
     dev: &Device,
 ) -> Result<Rendered> {
-    let opts = RenderOpts {
-        width: b.width,
-        height: b.height,
-        frames: b.frames,
-        fps: data.fps,
-        antialias: data.antialias,
-    };
-    opts.validate()
-        .map_err(|e| Error::invalid("data bucket", e.to_string()))?;
+    let opts = render_opts(data, b)?;
     let (w, h, f) = (b.width, b.height, b.frames);
     let clip_len = 3 * f * w * h;
     let mut out = vec![0f32; indices.len() * clip_len];
@@ -210,6 +202,20 @@ pub fn render_clips(
         captions,
         backgrounds,
     })
+}
+
+/// How the data split renders the bucket's clips.
+fn render_opts(data: &DataConfig, b: &Bucket) -> Result<RenderOpts> {
+    let opts = RenderOpts {
+        width: b.width,
+        height: b.height,
+        frames: b.frames,
+        fps: data.fps,
+        antialias: data.antialias,
+    };
+    opts.validate()
+        .map_err(|e| Error::invalid("data bucket", e.to_string()))?;
+    Ok(opts)
 }
 
 /// Renders `scene` into `clip` (`[3, F, H, W]`, values v/127.5 − 1).
@@ -235,13 +241,7 @@ pub fn render_shape_alternatives(
     object: usize,
     dev: &Device,
 ) -> Result<Option<(Tensor, Shape)>> {
-    let opts = RenderOpts {
-        width: b.width,
-        height: b.height,
-        frames: b.frames,
-        fps: data.fps,
-        antialias: data.antialias,
-    };
+    let opts = render_opts(data, b)?;
     let (mut scene, _) = sample_clip(data.split, world_seed, index, opts.duration());
     let Some(own) = scene.objects.get(object).map(|o| o.shape) else {
         return Ok(None);

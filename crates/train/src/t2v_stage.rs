@@ -74,7 +74,6 @@ use vdit_models::transformers::cogvideox::{
     cogvideox_rotary_pos_embed, CogVideoXTransformerConfig,
 };
 use vdit_schedulers::CogVideoXDDIMScheduler;
-use vdit_world::Shape;
 
 /// The diffusers version written into the exported configs.
 pub const DIFFUSERS_VERSION: &str = "0.42.1";
@@ -491,13 +490,8 @@ impl TextToVideoStage {
 
     /// The scaled posterior means `[N, 3, F', C, h, w]` of each `(clip, object)` of the batch's
     /// bucket rendered with that object's shape replaced by each other shape
-    /// ([`render_shape_alternatives`]), from the cache where possible; and each object's own
-    /// shape.
-    fn shape_alternatives(
-        &self,
-        batch: &Batch,
-        picks: &[(u64, usize)],
-    ) -> Result<(Tensor, Vec<Shape>)> {
+    /// ([`render_shape_alternatives`]), from the cache where possible.
+    fn shape_alternatives(&self, batch: &Batch, picks: &[(u64, usize)]) -> Result<Tensor> {
         let data = &self.train_cfg.data;
         let bucket = &data.buckets[batch.bucket];
         let seed = batch.world_seed;
@@ -512,11 +506,10 @@ impl TextToVideoStage {
             }
             None => vec![None; picks.len()],
         };
-        let mut own = Vec::with_capacity(picks.len());
         let mut pixels = Vec::new();
         let mut missing = Vec::new();
         for (i, &(clip, object)) in picks.iter().enumerate() {
-            let (px, shape) =
+            let (px, _) =
                 render_shape_alternatives(data, seed, bucket, clip, object, &self.device)?
                     .ok_or_else(|| {
                         Error::invalid(
@@ -524,7 +517,6 @@ impl TextToVideoStage {
                             format!("clip {clip} has no object {object}"),
                         )
                     })?;
-            own.push(shape);
             if parts[i].is_none() {
                 pixels.push(px);
                 missing.push(i);
@@ -553,10 +545,11 @@ impl TextToVideoStage {
             .map(|p| p.expect("filled above"))
             .collect();
         // [N, 3, C, F', h, w] -> [N, 3, F', C, h, w], scaled
-        let alts = (Tensor::stack(&parts, 0)? * self.vae.config().scaling_factor)?
-            .permute((0, 1, 3, 2, 4, 5))?
-            .contiguous()?;
-        Ok((alts, own))
+        Ok(
+            (Tensor::stack(&parts, 0)? * self.vae.config().scaling_factor)?
+                .permute((0, 1, 3, 2, 4, 5))?
+                .contiguous()?,
+        )
     }
 
     /// The shape-choice term of a step (see `diffusion.shape_choice_weight`): the samples in
@@ -589,7 +582,7 @@ impl TextToVideoStage {
         if rows.is_empty() {
             return Ok(None);
         }
-        let (alts, _) = self.shape_alternatives(batch, &picks)?;
+        let alts = self.shape_alternatives(batch, &picks)?;
         let x0_hat = predicted_x0(&self.sched, pred, nb)?;
         let n = rows.len();
         let idx = Tensor::from_vec(rows, n, &self.device)?;
