@@ -190,12 +190,8 @@ pub fn diffusion_loss(
                     ),
                 ));
             }
-            let sa: Vec<f64> = nb.alphas_cumprod.iter().map(|a| a.sqrt()).collect();
-            let s1a: Vec<f64> = nb.alphas_cumprod.iter().map(|a| (1.0 - a).sqrt()).collect();
             let w: Vec<f64> = nb.alphas_cumprod.iter().map(|a| 1.0 / (1.0 - a)).collect();
-            // x̂₀ = √ᾱ·x_t − √(1−ᾱ)·v̂, per sample.
-            let x0_hat = (nb.noisy.broadcast_mul(&per_sample(&sa, pred)?)?
-                - pred.broadcast_mul(&per_sample(&s1a, pred)?)?)?;
+            let x0_hat = predicted_x0(sched, pred, nb)?;
             let err = (x0_hat - x0.detach())?
                 .sqr()?
                 .broadcast_mul(&per_sample(&w, pred)?)?;

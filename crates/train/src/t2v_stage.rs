@@ -506,9 +506,11 @@ impl TextToVideoStage {
             }
             None => vec![None; picks.len()],
         };
-        let mut pixels = Vec::new();
-        let mut missing = Vec::new();
-        for (i, &(clip, object)) in picks.iter().enumerate() {
+        // rendered only where the cache has no latents
+        let missing: Vec<usize> = (0..picks.len()).filter(|&i| parts[i].is_none()).collect();
+        let mut pixels = Vec::with_capacity(missing.len());
+        for &i in &missing {
+            let (clip, object) = picks[i];
             let (px, _) =
                 render_shape_alternatives(data, seed, bucket, clip, object, &self.device)?
                     .ok_or_else(|| {
@@ -517,10 +519,7 @@ impl TextToVideoStage {
                             format!("clip {clip} has no object {object}"),
                         )
                     })?;
-            if parts[i].is_none() {
-                pixels.push(px);
-                missing.push(i);
-            }
+            pixels.push(px);
         }
         if !missing.is_empty() {
             let mean = self.vae.encode_plain(&Tensor::cat(&pixels, 0)?)?.mean;
@@ -843,14 +842,14 @@ pub fn shape_choice_loss(
     let own = own.detach().unsqueeze(1)?;
     let alts = alts.detach();
     let diff = own.broadcast_sub(&alts)?; // μ_own − μ_s
-    let mid = (x0_hat
-        .unsqueeze(1)?
-        .broadcast_mul(&Tensor::new(2f32, x0_hat.device())?.to_dtype(x0_hat.dtype())?)?
+                                          // 2x̂₀ − μ_s − μ_own
+    let mid = (x0_hat.unsqueeze(1)? * 2.0)?
         .broadcast_sub(&alts)?
-        .broadcast_sub(&own))?; // 2x̂₀ − μ_s − μ_own
-    let gaps = diff.sqr()?.reshape((n, k, ()))?.sum(2)?.detach(); // ‖μ_s − μ_own‖², [N, K]
-                                                                  // Logit of each other shape relative to the own one:
-                                                                  // −(d_s − d_own) / (‖μ_s − μ_own‖² · temperature).
+        .broadcast_sub(&own)?;
+    // ‖μ_s − μ_own‖², [N, K]
+    let gaps = diff.sqr()?.reshape((n, k, ()))?.sum(2)?.detach();
+    // Logit of each other shape relative to the own one:
+    // −(d_s − d_own) / (‖μ_s − μ_own‖² · temperature).
     let scale = (gaps.clamp(1e-6, f64::INFINITY)? * (-temperature))?;
     let rel = diff
         .broadcast_mul(&mid)?
@@ -864,9 +863,9 @@ pub fn shape_choice_loss(
         ],
         1,
     )?;
+    // The own shape's logit is 0, so its cross-entropy is the log-sum-exp, [N, 1].
     let m = logits.detach().max_keepdim(1)?;
-    let lse = (logits.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + &m)?; // [N, 1]
-                                                                               // The own shape's logit is 0, so its cross-entropy is the log-sum-exp.
+    let lse = (logits.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + &m)?;
     let loss = lse.mean_all()?;
     let rel_v: Vec<Vec<f32>> = rel.detach().to_dtype(DType::F32)?.to_vec2()?;
     let accuracy =
