@@ -61,6 +61,7 @@
 //! shape_choice_weight = 0.0 # transformer stage: weight of the shape-choice term (x̂₀ nearer its own shape's latents than the others')
 //! shape_choice_temperature = 0.25 # ... the softmax temperature (a perfect x̂₀ leads by 1/this)
 //! shape_choice_max_t = 999  # ... only for samples noised at a timestep <= this
+//! shape_choice_min_t = 0    # ... and >= this (e.g. only where the noise hides the shapes)
 //! [diffusion.scheduler]    # CogVideoXDDIMScheduler config (diffusers names); default CogVideoX-2b's
 //!
 //! [model]                  # stage-specific, read by the stage's builder (the toy: channels, pool)
@@ -406,6 +407,9 @@ pub struct DiffusionConfig {
     pub shape_choice_temperature: f64,
     /// The shape-choice term applies to the samples noised at a timestep ≤ this. Default 999.
     pub shape_choice_max_t: usize,
+    /// ... and ≥ this: e.g. only the noise levels where x_t no longer shows the shapes, so
+    /// that the model has to commit to the named one where sampling decides it. Default 0.
+    pub shape_choice_min_t: usize,
 }
 
 /// `diffusion.timestep_bias`: `{ begin = 0, end = 300, multiplier = 2.0 }`.
@@ -439,6 +443,7 @@ impl Default for DiffusionConfig {
             shape_choice_weight: 0.0,
             shape_choice_temperature: 0.25,
             shape_choice_max_t: 999,
+            shape_choice_min_t: 0,
         }
     }
 }
@@ -646,6 +651,19 @@ impl TrainConfig {
                     ),
                 );
             }
+        }
+        let (lo, hi) = (
+            self.diffusion.shape_choice_min_t,
+            self.diffusion.shape_choice_max_t,
+        );
+        if lo > hi {
+            return bad(
+                "diffusion.shape_choice_min_t",
+                format!(
+                    "expected at most diffusion.shape_choice_max_t ({hi}): no timestep would be \
+                     in the shape-choice term, found {lo}"
+                ),
+            );
         }
         let tau = self.diffusion.shape_choice_temperature;
         if !(tau.is_finite() && tau > 0.0) {
@@ -1009,6 +1027,15 @@ mod tests {
             );
         }
         cfg.diffusion.shape_choice_temperature = 0.25;
+        cfg.validate(Path::new("c.toml")).unwrap();
+        cfg.diffusion.shape_choice_min_t = 600;
+        cfg.diffusion.shape_choice_max_t = 500;
+        let e = err(&cfg);
+        assert!(
+            e.contains("diffusion.shape_choice_min_t") && e.contains("(500)") && e.contains("600"),
+            "{e}"
+        );
+        cfg.diffusion.shape_choice_max_t = 999;
         cfg.validate(Path::new("c.toml")).unwrap();
         cfg.stage = Stage::Vae;
         cfg.diffusion.timestep_bias = None;

@@ -568,7 +568,8 @@ impl TextToVideoStage {
         let mut rows = Vec::new();
         let mut picks = Vec::new();
         for (i, &clip) in batch.clip_indices.iter().enumerate() {
-            if prompts[i].is_empty() || nb.timesteps[i] > dc.shape_choice_max_t {
+            let t = nb.timesteps[i];
+            if prompts[i].is_empty() || t > dc.shape_choice_max_t || t < dc.shape_choice_min_t {
                 continue;
             }
             let n = clip_object_count(&self.train_cfg.data, seed, clip);

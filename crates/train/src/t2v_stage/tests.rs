@@ -1399,7 +1399,24 @@ fn shape_choice_by_hand_and_its_gradient() {
 /// `shape_choice_max_t` or on the empty prompt are left out; the term is logged.
 #[test]
 fn shape_choice_adds_the_term_from_the_same_draws() {
-    let root = tmp("shape-choice");
+    shape_choice_term_by_hand(false);
+}
+
+/// The same with `shape_choice_min_t`: the samples below it are left out.
+#[test]
+fn shape_choice_takes_only_the_samples_from_shape_choice_min_t() {
+    shape_choice_term_by_hand(true);
+}
+
+/// The stage's loss against the plain loss plus λ times the shape-choice term by hand; the
+/// window of timesteps set so that one kept sample is left out, from above (`max_t`) or
+/// from below (`min_t`, when `from_below`).
+fn shape_choice_term_by_hand(from_below: bool) {
+    let root = tmp(if from_below {
+        "shape-choice-min-t"
+    } else {
+        "shape-choice"
+    });
     let vae = root.join("vae");
     tiny_vae(&vae);
     let dev = Device::Cpu;
@@ -1427,14 +1444,17 @@ fn shape_choice_adds_the_term_from_the_same_draws() {
             (dropped.iter().any(|d| *d) && kept >= 2).then_some((b, dropped, x0, means, nb))
         })
         .unwrap();
-    // max_t between the kept samples' timesteps, so that one is left out
+    // the window's end between the kept samples' timesteps, so that one is left out
     let mut kept_t: Vec<usize> = (0..dropped.len())
         .filter(|&i| !dropped[i])
         .map(|i| nb.timesteps[i])
         .collect();
     kept_t.sort();
-    assert!(kept_t[0] < *kept_t.last().unwrap(), "{kept_t:?}");
-    cfg.diffusion.shape_choice_max_t = kept_t[0];
+    let (lo, hi) = (kept_t[0], *kept_t.last().unwrap());
+    assert!(lo < hi, "{kept_t:?}");
+    let window = if from_below { hi..=999 } else { 0..=lo };
+    cfg.diffusion.shape_choice_min_t = *window.start();
+    cfg.diffusion.shape_choice_max_t = *window.end();
     let stage = TextToVideoStage::new(&cfg, &dev).unwrap();
     perturb(&stage);
     let mut rng = step_rng(0, "loss", b.step);
@@ -1444,8 +1464,9 @@ fn shape_choice_adds_the_term_from_the_same_draws() {
     let _ = stage.latents_and_means(&b, &mut rng).unwrap();
     let _ = sample_noised(&stage.sched, &x0, &mut rng).unwrap();
     let rows: Vec<usize> = (0..dropped.len())
-        .filter(|&i| !dropped[i] && nb.timesteps[i] <= kept_t[0])
+        .filter(|&i| !dropped[i] && window.contains(&nb.timesteps[i]))
         .collect();
+    assert!(rows.len() < kept_t.len() && !rows.is_empty(), "{rows:?}");
     let mut alts = Vec::new();
     for &i in &rows {
         let clip = b.clip_indices[i];
