@@ -428,13 +428,7 @@ mod tests {
             from_step: None,
         };
         let dev = Device::Cpu;
-        let opts = RenderOpts {
-            width: 64,
-            height: 64,
-            frames: 5,
-            fps: data.fps,
-            antialias: data.antialias,
-        };
+        let opts = render_opts(&data, &b).unwrap();
         let mut seen_two = false;
         for index in 0..12u64 {
             let (scene, _) = sample_clip(data.split, 7, index, opts.duration());

@@ -842,8 +842,9 @@ pub fn shape_choice_loss(
     }
     let own = own.detach().unsqueeze(1)?;
     let alts = alts.detach();
-    let diff = own.broadcast_sub(&alts)?; // μ_own − μ_s
-                                          // 2x̂₀ − μ_s − μ_own
+    // μ_own − μ_s
+    let diff = own.broadcast_sub(&alts)?;
+    // 2x̂₀ − μ_s − μ_own
     let mid = (x0_hat.unsqueeze(1)? * 2.0)?
         .broadcast_sub(&alts)?
         .broadcast_sub(&own)?;

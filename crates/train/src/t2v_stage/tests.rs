@@ -554,6 +554,17 @@ fn perturb(stage: &TextToVideoStage) {
     }
 }
 
+/// The stage's prediction for the noised batch `nb` under `prompts`, as its loss computes it.
+fn predict(stage: &TextToVideoStage, prompts: &[&str], nb: &Noised) -> Tensor {
+    let text = stage.t5.forward(&stage.tokenize(prompts).unwrap()).unwrap();
+    let t: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
+    let t = Tensor::from_vec(t, nb.timesteps.len(), nb.noisy.device()).unwrap();
+    stage
+        .transformer
+        .forward(&nb.noisy, &text, &t, None)
+        .unwrap()
+}
+
 /// `diffusion.object_weight` makes the stage's loss the weighted mean whose weights come from
 /// the batch's object pixels at the VAE's latent grid; 0 keeps the plain mean.
 #[test]
@@ -587,18 +598,9 @@ fn object_weight_weights_the_loss_at_object_cells() {
             }
         })
         .collect();
-    let text = stage
-        .t5
-        .forward(&stage.tokenize(&prompts).unwrap())
-        .unwrap();
     let x0 = stage.latents(b, &mut rng).unwrap();
     let nb = sample_noised(&stage.sched, &x0, &mut rng).unwrap();
-    let t: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
-    let t = Tensor::from_vec(t, x0.dim(0).unwrap(), &dev).unwrap();
-    let pred = stage
-        .transformer
-        .forward(&nb.noisy, &text, &t, None)
-        .unwrap();
+    let pred = predict(&stage, &prompts, &nb);
     let w = latent_object_weights(
         &b.pixels,
         &b.backgrounds,
@@ -910,16 +912,10 @@ fn contrast_term_equals_the_one_by_hand(
     let got = out.loss.to_scalar::<f32>().unwrap();
     assert!(valid.iter().any(|v| *v));
     let wrong_prompts: Vec<&str> = wrong_prompts.iter().map(String::as_str).collect();
-    let encode = |p: &[&str]| stage.t5.forward(&stage.tokenize(p).unwrap()).unwrap();
-    let t: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
-    let t = Tensor::from_vec(t, x0.dim(0).unwrap(), &dev).unwrap();
-    let fwd = |text: &Tensor| {
-        stage
-            .transformer
-            .forward(&nb.noisy, text, &t, None)
-            .unwrap()
-    };
-    let (own, wrong) = (fwd(&encode(&prompts)), fwd(&encode(&wrong_prompts)));
+    let (own, wrong) = (
+        predict(&stage, &prompts, &nb),
+        predict(&stage, &wrong_prompts, &nb),
+    );
     let plain = diffusion_loss(&stage.sched, &own, &nb, &x0, LossWeighting::Cogvideox, None)
         .unwrap()
         .to_scalar::<f32>()
@@ -934,7 +930,7 @@ fn contrast_term_equals_the_one_by_hand(
     let logged = |name: &str| out.metrics.iter().find(|(k, _)| k == name).map(|m| m.1);
     if word.is_some() {
         let word_prompts: Vec<&str> = word_prompts.iter().map(String::as_str).collect();
-        let word_wrong = fwd(&encode(&word_prompts));
+        let word_wrong = predict(&stage, &word_prompts, &nb);
         let (word_term, word_ratio) =
             caption_contrast(&own, &word_wrong, &nb.target, &mask, &word_valid, 0.25).unwrap();
         let word_term = word_term.to_scalar::<f32>().unwrap();
@@ -1492,16 +1488,7 @@ fn shape_choice_term_by_hand(from_below: bool) {
         .zip(&dropped)
         .map(|(c, &d)| if d { "" } else { c.as_str() })
         .collect();
-    let text = stage
-        .t5
-        .forward(&stage.tokenize(&prompts).unwrap())
-        .unwrap();
-    let ts: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
-    let ts = Tensor::from_vec(ts, x0.dim(0).unwrap(), &dev).unwrap();
-    let pred = stage
-        .transformer
-        .forward(&nb.noisy, &text, &ts, None)
-        .unwrap();
+    let pred = predict(&stage, &prompts, &nb);
     let plain = diffusion_loss(
         &stage.sched,
         &pred,
